@@ -1,0 +1,256 @@
+"""One typed settings tree for the whole agent.
+
+Sources, highest precedence first: CLI overrides > ``MLSIDECAR_*`` environment
+(nested with ``__``, e.g. ``MLSIDECAR_INGEST__LISTEN``) > YAML file > defaults.
+The standard ``OTEL_*`` variables win over the ``telemetry`` section (see
+``agent.telemetry``). Unknown keys are errors that name the key.
+
+    settings = Settings.load(Path("mlsidecar.yaml"), ingest={"listen": "127.0.0.1:5320"})
+    settings.ingest.listen  # '127.0.0.1:5320'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+_yaml_file: ContextVar[Path | None] = ContextVar("mlsidecar_yaml_file", default=None)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'127.0.0.1:4320' -> ('127.0.0.1', 4320); '[::1]:4320' -> ('::1', 4320)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{address!r} has no host")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class TLSSettings(Section):
+    """Server TLS; with ``client_ca`` set, clients must present a certificate (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TLSSettings:
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file {str(path)!r} does not exist")
+        return self
+
+
+class Listener(Section):
+    """A listening address and how it is protected."""
+
+    listen: str
+    tls: TLSSettings | None = None
+    # Bearer token clients must send (``authorization: Bearer <token>``).
+    token: SecretStr | None = None
+    # Allow a non-loopback address with neither TLS nor token.
+    insecure: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _secure_by_default(self) -> Listener:
+        host, _ = split_host_port(self.listen)
+        if not is_loopback(host) and self.tls is None and self.token is None and not self.insecure:
+            raise ValueError(
+                f"listen: {self.listen!r} is not a loopback address; set tls or token "
+                "(or insecure: true to accept unauthenticated plaintext traffic)"
+            )
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+
+class IngestSettings(Listener):
+    """gRPC ingest of prediction and outcome batches."""
+
+    listen: str = "127.0.0.1:4320"
+    max_rows_per_batch: int = Field(10_000, ge=1)
+    max_features: int = Field(1_000, ge=1)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_models: int = Field(100, ge=1)
+    # Batches being processed at once before RESOURCE_EXHAUSTED (transient backpressure).
+    max_in_flight: int = Field(256, ge=1)
+    # A batch re-sent with the same batch_id within this window is counted once.
+    dedup_window_s: float = Field(600.0, ge=0)
+    dedup_max_batches: int = Field(100_000, ge=0)
+    reflection: bool = True
+
+
+class ApiSettings(Listener):
+    """Admin HTTP API (health, model reports, HTTP JSON ingest, /metrics)."""
+
+    listen: str = "127.0.0.1:8320"
+    # Serve a Prometheus /metrics endpoint for setups without a Collector.
+    prometheus: bool = True
+    # Required by state-changing admin endpoints when set.
+    admin_token: SecretStr | None = None
+
+
+class TelemetrySettings(Section):
+    """OpenTelemetry export. Standard OTEL_* variables win over these values."""
+
+    # service.name of the monitored model service (OTEL_SERVICE_NAME wins).
+    service_name: str = "ml-model"
+    otlp: bool = True
+    # Collector OTLP endpoint; default http://127.0.0.1:4317 (grpc) or :4318 (http/protobuf).
+    endpoint: str | None = None
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    metric_export_interval_ms: int = Field(10_000, ge=100)
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    traces: bool = True
+    logs: bool = True
+
+
+class EngineSettings(Section):
+    """Per-model health computation."""
+
+    # Tumbling window length (by receipt time).
+    window_s: float = Field(300.0, gt=0)
+    # A live window is reported as complete once it holds this many rows.
+    min_window_rows: int = Field(100, ge=1)
+    # Upper bounds of the latency histogram buckets, milliseconds.
+    latency_buckets_ms: list[float] = Field(
+        default_factory=lambda: [1.0, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
+    )
+    # Upper bounds of the score histogram buckets.
+    score_buckets: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)]
+    )
+    # Distinct values of each segment attribute kept before folding into "other".
+    max_segments: int = Field(20, ge=1)
+
+    @field_validator("latency_buckets_ms", "score_buckets")
+    @classmethod
+    def _sorted(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one bucket bound")
+        if any(b >= a for a, b in zip(value[1:], value, strict=False)):
+            raise ValueError(f"bucket bounds not in strictly increasing order: {value}")
+        return value
+
+
+class ModelSettings(Section):
+    """Settings for one model, under ``models.<name>``."""
+
+    window_s: float | None = Field(None, gt=0)
+    score_buckets: list[float] | None = None
+
+    @field_validator("score_buckets")
+    @classmethod
+    def _sorted(cls, value: list[float] | None) -> list[float] | None:
+        return None if value is None else EngineSettings._sorted(value)
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # auto: JSON when stderr is not a terminal, text otherwise.
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The agent's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLSIDECAR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    # Deadline for a graceful stop: in-flight batches finish, exporters flush.
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name in value:
+            if not MODEL_NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"model name {name!r} does not match [A-Za-z0-9._-]{{1,128}}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from an optional YAML file, the environment and overrides."""
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        token = _yaml_file.set(path)
+        try:
+            return cls(**overrides)
+        finally:
+            _yaml_file.reset(token)
+
+    def for_model(self, name: str) -> ModelSettings:
+        return self.models.get(name) or ModelSettings()
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets shown as '**********'."""
+        return self.model_dump(mode="json")
