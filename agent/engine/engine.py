@@ -1,0 +1,100 @@
+"""The engine: per model-version state behind one lock. Columns in, numbers out.
+
+engine = Engine(lambda model: ModelConfig(), max_models=100, clock=time.time_ns)
+engine.observe_predictions(cols)
+engine.report("churn")["totals"]["rows"]
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from agent.engine.columns import OutcomeColumns, PredictionColumns
+from agent.engine.model import ModelConfig, ModelSnapshot, ModelState
+
+
+class ModelLimitError(ValueError):
+    """A new model version would exceed the configured ``max_models``."""
+
+
+class Engine:
+    """Tracks every model version the agent has seen, up to ``max_models``.
+
+    Ingest calls ``observe_*`` from the event loop; exporters call ``snapshots``
+    from their own threads, hence the lock (held for microseconds, never across I/O).
+    """
+
+    def __init__(
+        self,
+        config_for: Callable[[str], ModelConfig],
+        *,
+        max_models: int,
+        clock: Callable[[], int],
+    ) -> None:
+        self._config_for = config_for
+        self._max_models = max_models
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, str], ModelState] = {}
+        self._latest_version: dict[str, str] = {}
+
+    def _state(self, model: str, version: str, now: int) -> ModelState:
+        key = (model, version)
+        state = self._states.get(key)
+        if state is None:
+            if len(self._states) >= self._max_models:
+                raise ModelLimitError(
+                    f"model {model!r} version {version!r}: the agent already tracks "
+                    f"{len(self._states)} model versions (ingest.max_models={self._max_models})"
+                )
+            state = ModelState(model, version, self._config_for(model), now)
+            self._states[key] = state
+        self._latest_version[model] = version
+        return state
+
+    def observe_predictions(self, cols: PredictionColumns) -> None:
+        with self._lock:
+            self._state(cols.model, cols.version, cols.received_unix_nano).observe_predictions(cols)
+
+    def observe_outcomes(self, cols: OutcomeColumns) -> None:
+        with self._lock:
+            self._state(cols.model, cols.version, cols.received_unix_nano).observe_outcomes(cols)
+
+    def models(self) -> list[dict[str, object]]:
+        with self._lock:
+            return [
+                {
+                    "model": s.model,
+                    "version": s.version,
+                    "latest": self._latest_version.get(s.model) == s.version,
+                    "rows": s.totals.rows,
+                    "outcomes": s.totals.outcomes,
+                }
+                for s in self._states.values()
+            ]
+
+    def forget(self, model: str) -> list[str]:
+        """Drop every version of ``model``; returns the versions that were tracked."""
+        with self._lock:
+            versions = [v for (m, v) in self._states if m == model]
+            for version in versions:
+                del self._states[(model, version)]
+            self._latest_version.pop(model, None)
+            return versions
+
+    def report(self, model: str, version: str | None = None) -> dict[str, Any] | None:
+        """The health report of ``model`` (its latest version by default), or None if unknown."""
+        with self._lock:
+            if version is None:
+                version = self._latest_version.get(model)
+                if version is None:
+                    return None
+            state = self._states.get((model, version))
+            return None if state is None else state.report(self._clock())
+
+    def snapshots(self) -> list[ModelSnapshot]:
+        with self._lock:
+            now = self._clock()
+            return [state.snapshot(now) for state in self._states.values()]

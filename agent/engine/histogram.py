@@ -1,0 +1,151 @@
+"""Fixed-bucket histograms filled a whole column at a time.
+
+Buckets follow OpenTelemetry's explicit-bucket convention: bucket ``i`` holds
+values ``v`` with ``bounds[i-1] < v <= bounds[i]``; the last bucket is the
+overflow above ``bounds[-1]``. NaN and ±inf are not bucketed; they are counted
+in ``nonfinite_count`` (missing and non-finite values are data-quality signals).
+
+    h = FixedHistogram([1.0, 10.0])
+    h.add(np.array([0.5, 3.0, 50.0, np.nan]))
+    h.counts.tolist(), h.nonfinite_count   # ([1, 1, 1], 1)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.engine.columns import FloatArray
+
+
+@dataclass(frozen=True, slots=True)
+class Exemplar:
+    """One row that landed in a bucket, with the trace of the request that produced it."""
+
+    value: float
+    time_unix_nano: int
+    trace_id: bytes
+    span_id: bytes
+
+
+class FixedHistogram:
+    """Counts, sum, min and max of a numeric column over fixed bucket bounds."""
+
+    __slots__ = ("bounds", "count", "counts", "exemplars", "max", "min", "nonfinite_count", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
+            raise ValueError(f"bucket bounds not in strictly increasing order: {list(bounds)}")
+        self.bounds = np.asarray(bounds, dtype=np.float64)
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+        self.count = 0
+        self.nonfinite_count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
+
+    def add(
+        self,
+        values: FloatArray,
+        *,
+        time_unix_nano: int = 0,
+        trace_ids: Sequence[bytes] | None = None,
+        span_ids: Sequence[bytes] | None = None,
+    ) -> None:
+        """Count a column of values; rows with a trace id may become bucket exemplars."""
+        if values.size == 0:
+            return
+        finite = np.isfinite(values)
+        n_valid = int(np.count_nonzero(finite))
+        if n_valid != values.size:
+            self.nonfinite_count += values.size - n_valid
+            if trace_ids is not None:
+                keep = np.flatnonzero(finite)
+                trace_ids = [trace_ids[int(i)] for i in keep]
+                span_ids = None if span_ids is None else [span_ids[int(i)] for i in keep]
+            values = values[finite]
+        if n_valid == 0:
+            return
+        idx = np.searchsorted(self.bounds, values, side="left")
+        self.counts += np.bincount(idx, minlength=self.counts.size)
+        self.count += n_valid
+        self.sum += float(values.sum())
+        self.min = min(self.min, float(values.min()))
+        self.max = max(self.max, float(values.max()))
+        if trace_ids:
+            self._keep_exemplars(values, idx, time_unix_nano, trace_ids, span_ids)
+
+    def _keep_exemplars(
+        self,
+        values: FloatArray,
+        idx: np.ndarray,
+        time_unix_nano: int,
+        trace_ids: Sequence[bytes],
+        span_ids: Sequence[bytes] | None,
+    ) -> None:
+        # The last row of each bucket that carries a trace id replaces that bucket's exemplar.
+        rev = idx[::-1]
+        buckets, first_in_rev = np.unique(rev, return_index=True)
+        last_rows = idx.size - 1 - first_in_rev
+        for bucket, row in zip(buckets.tolist(), last_rows.tolist(), strict=True):
+            trace_id = trace_ids[row]
+            if trace_id:
+                span_id = span_ids[row] if span_ids else b""
+                self.exemplars[bucket] = Exemplar(
+                    float(values[row]), time_unix_nano, trace_id, span_id
+                )
+
+    def merge(self, other: FixedHistogram) -> None:
+        if not np.array_equal(self.bounds, other.bounds):
+            raise ValueError("cannot merge histograms with different bounds")
+        self.counts += other.counts
+        self.count += other.count
+        self.nonfinite_count += other.nonfinite_count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        for i, ex in enumerate(other.exemplars):
+            if ex is not None:
+                self.exemplars[i] = ex
+
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+    def quantile(self, q: float) -> float | None:
+        """Estimate the q-quantile by linear interpolation inside its bucket.
+
+        The first bucket's lower edge is the observed min and the overflow
+        bucket's upper edge the observed max, so estimates stay in [min, max].
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile q={q} is outside [0, 1]")
+        if self.count == 0:
+            return None
+        target = q * self.count
+        cumulative = np.cumsum(self.counts)
+        i = int(np.searchsorted(cumulative, target, side="left"))
+        i = min(i, self.counts.size - 1)
+        lower = self.min if i == 0 else max(float(self.bounds[i - 1]), self.min)
+        upper = self.max if i == self.bounds.size else min(float(self.bounds[i]), self.max)
+        below = float(cumulative[i - 1]) if i > 0 else 0.0
+        in_bucket = float(self.counts[i])
+        if in_bucket == 0:
+            return lower
+        fraction = (target - below) / in_bucket
+        return lower + (upper - lower) * min(max(fraction, 0.0), 1.0)
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {
+            "count": self.count,
+            "nonfinite": self.nonfinite_count,
+            "mean": self.mean(),
+            "min": self.min if self.count else None,
+            "p50": self.quantile(0.5),
+            "p90": self.quantile(0.9),
+            "p99": self.quantile(0.99),
+            "max": self.max if self.count else None,
+        }

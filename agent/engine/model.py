@@ -1,0 +1,250 @@
+"""Per model-version state: cumulative totals for export, tumbling windows for reports."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from agent.engine.columns import OutcomeColumns, PredictionColumns
+from agent.engine.histogram import FixedHistogram
+
+OTHER = "other"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What the engine needs to know about one model, resolved from settings."""
+
+    window_ns: int = 300 * 10**9
+    min_window_rows: int = 100
+    latency_bounds_ms: Sequence[float] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+    score_bounds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    max_segments: int = 20
+    max_classes: int = 50
+
+
+class BoundedCounter:
+    """Counts per key for at most ``max_keys`` keys; later keys fold into ``"other"``.
+
+    Keeps attribute cardinality bounded by configuration, never by traffic.
+    """
+
+    __slots__ = ("counts", "max_keys", "overflowed")
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self.counts: dict[str, float] = {}
+        self.overflowed = False
+
+    def add(self, key: str, amount: float) -> None:
+        counts = self.counts
+        if key not in counts and len(counts) >= self.max_keys:
+            self.overflowed = True
+            key = OTHER
+        counts[key] = counts.get(key, 0.0) + amount
+
+    def add_many(self, keys: Sequence[str], weight: float) -> None:
+        values, n = np.unique(np.asarray(keys, dtype=object), return_counts=True)
+        for key, count in zip(values.tolist(), n.tolist(), strict=True):
+            self.add(str(key), count * weight)
+
+
+@dataclass(slots=True)
+class Tally:
+    """What happened in one span of time (a window, or since the state was created)."""
+
+    start_unix_nano: int
+    end_unix_nano: int
+    latency: FixedHistogram
+    scores: FixedHistogram
+    # Weighted by 1/sample_rate: estimated predictions made by the service.
+    predictions: float = 0.0
+    rows: int = 0
+    batches: int = 0
+    outcomes: int = 0
+
+    @classmethod
+    def empty(cls, start: int, end: int, config: ModelConfig) -> Tally:
+        return cls(
+            start,
+            end,
+            FixedHistogram(config.latency_bounds_ms),
+            FixedHistogram(config.score_bounds),
+        )
+
+    def observe(self, cols: PredictionColumns) -> None:
+        self.rows += cols.rows
+        self.predictions += cols.rows * cols.weight
+        self.batches += 1
+        t = cols.received_unix_nano
+        if cols.latencies_ms is not None:
+            self.latency.add(
+                cols.latencies_ms,
+                time_unix_nano=t,
+                trace_ids=cols.trace_ids,
+                span_ids=cols.span_ids,
+            )
+        if cols.scores is not None:
+            self.scores.add(
+                cols.scores, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids
+            )
+
+    def report(self, min_rows: int, *, live: bool) -> dict[str, object]:
+        return {
+            "start": _iso(self.start_unix_nano),
+            "end": _iso(self.end_unix_nano),
+            "start_unix_nano": self.start_unix_nano,
+            "end_unix_nano": self.end_unix_nano,
+            "count": self.rows,
+            "complete": (not live) or self.rows >= min_rows,
+            "estimated_predictions": self.predictions,
+            "outcomes": self.outcomes,
+            "latency_ms": self.latency.summary(),
+            "score": self.scores.summary(),
+        }
+
+
+def _iso(unix_nano: int) -> str:
+    return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class ModelSnapshot:
+    """A consistent copy of one model version's cumulative state, for exporters."""
+
+    model: str
+    version: str
+    start_unix_nano: int
+    totals: Tally
+    segments: dict[str, float]
+    labels: dict[str, float]
+    outcome_labels: dict[str, float] = field(default_factory=dict)
+
+
+class ModelState:
+    """Everything the engine tracks for one model version.
+
+    Not thread-safe on its own; ``Engine`` serialises access.
+    """
+
+    def __init__(self, model: str, version: str, config: ModelConfig, now_unix_nano: int) -> None:
+        self.model = model
+        self.version = version
+        self.config = config
+        self.created_unix_nano = now_unix_nano
+        self.last_seen_unix_nano = now_unix_nano
+        self.totals = Tally.empty(now_unix_nano, now_unix_nano, config)
+        start = now_unix_nano - now_unix_nano % config.window_ns
+        self.current = Tally.empty(start, start + config.window_ns, config)
+        self.previous: Tally | None = None
+        self.segments = BoundedCounter(config.max_segments)
+        self.labels = BoundedCounter(config.max_classes)
+        self.outcome_labels = BoundedCounter(config.max_classes)
+        self.features: dict[str, str] = {}
+
+    def _roll(self, now: int) -> None:
+        if now < self.current.end_unix_nano:
+            return
+        w = self.config.window_ns
+        start = now - now % w
+        if self.current.end_unix_nano == start:
+            self.previous = self.current
+        else:  # whole windows passed without traffic: the last closed one was empty
+            self.previous = Tally.empty(start - w, start, self.config)
+        self.current = Tally.empty(start, start + w, self.config)
+
+    def observe_predictions(self, cols: PredictionColumns) -> None:
+        now = cols.received_unix_nano
+        self._roll(now)
+        self.last_seen_unix_nano = now
+        self.totals.observe(cols)
+        self.current.observe(cols)
+        self.segments.add(_segment_key(cols.attributes), cols.rows * cols.weight)
+        if cols.labels is not None:
+            self.labels.add_many(cols.labels, cols.weight)
+        features = self.features
+        for name in cols.numbers:
+            features.setdefault(name, "numeric")
+        for name in cols.categories:
+            features.setdefault(name, "categorical")
+
+    def observe_outcomes(self, cols: OutcomeColumns) -> None:
+        now = cols.received_unix_nano
+        self._roll(now)
+        self.last_seen_unix_nano = now
+        self.totals.outcomes += cols.rows
+        self.current.outcomes += cols.rows
+        if cols.actual_labels is not None:
+            self.outcome_labels.add_many(cols.actual_labels, 1.0)
+
+    def snapshot(self, now_unix_nano: int) -> ModelSnapshot:
+        totals = copy.deepcopy(self.totals)
+        totals.end_unix_nano = now_unix_nano
+        return ModelSnapshot(
+            self.model,
+            self.version,
+            self.created_unix_nano,
+            totals,
+            dict(self.segments.counts),
+            dict(self.labels.counts),
+            dict(self.outcome_labels.counts),
+        )
+
+    def report(self, now_unix_nano: int) -> dict[str, Any]:
+        """The model's health report (documented in docs/health-report.md), JSON-safe."""
+        self._roll(now_unix_nano)
+        min_rows = self.config.min_window_rows
+        totals = self.totals
+        return json_safe(
+            {
+                "schema_version": REPORT_SCHEMA_VERSION,
+                "model": self.model,
+                "version": self.version,
+                "generated": _iso(now_unix_nano),
+                "first_seen": _iso(self.created_unix_nano),
+                "last_seen": _iso(self.last_seen_unix_nano),
+                "window": self.current.report(min_rows, live=True),
+                "previous": None
+                if self.previous is None
+                else self.previous.report(min_rows, live=False),
+                "totals": {
+                    "rows": totals.rows,
+                    "estimated_predictions": totals.predictions,
+                    "batches": totals.batches,
+                    "outcomes": totals.outcomes,
+                },
+                "features": {name: {"type": kind} for name, kind in sorted(self.features.items())},
+                "segments": dict(self.segments.counts),
+                "prediction": {"labels": dict(self.labels.counts)},
+                "health": {
+                    "score": None,
+                    "reasons": [
+                        "no reference profile: drift, data quality and performance are not evaluated yet"
+                    ],
+                },
+            }
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: undefined numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _segment_key(attributes: dict[str, str]) -> str:
+    if not attributes:
+        return ""
+    return ",".join(f"{k}={v}" for k, v in sorted(attributes.items()))
