@@ -1,0 +1,172 @@
+"""Engine state exported as pre-aggregated OpenTelemetry metric points.
+
+The Python SDK has no bulk ``record`` and no MetricProducer hook, and one
+``Histogram.record`` costs about 4 µs: calling instruments per event would cost
+more than the rest of ingest. Instead the engine aggregates each batch with
+numpy, and at collection time this module turns the engine's cumulative state
+into ``Metric`` points that are appended to whatever a reader collected from
+the SDK's own instruments. Every reader (periodic OTLP, Prometheus pull,
+in-memory in tests) gets the same points, so names and values agree.
+
+    producer = EngineMetricsProducer(engine, resource)
+    inject_engine_metrics(reader, producer)   # before the reader serves or exports
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from opentelemetry.sdk.metrics import Exemplar as OtelExemplar
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from agent import __version__
+from agent.engine import Engine, FixedHistogram, ModelSnapshot
+
+SCOPE = InstrumentationScope("mlsidecar.engine", __version__)
+CUMULATIVE = AggregationTemporality.CUMULATIVE
+
+# name, unit, description: the one list of engine metrics (docs/metrics.md mirrors it).
+PREDICTIONS = (
+    "ml.predictions",
+    "{prediction}",
+    "Predictions made by the model service, estimated from received rows scaled by 1/sample_rate.",
+)
+OUTCOMES = ("ml.outcomes", "{outcome}", "Outcomes (ground truth) received.")
+CLASSES = ("ml.prediction.classes", "{prediction}", "Predictions per predicted class.")
+DURATION = ("ml.prediction.duration", "s", "Model prediction latency reported by the service.")
+SCORE = ("ml.prediction.score", "{score}", "Distribution of prediction scores / regression values.")
+
+
+class EngineMetricsProducer:
+    """Turns ``Engine.snapshots()`` into OTel ``Metric`` points with cumulative temporality."""
+
+    def __init__(self, engine: Engine, resource: Resource, clock: Callable[[], int]) -> None:
+        self._engine = engine
+        self._resource = resource
+        self._clock = clock
+
+    def produce(self) -> list[Metric]:
+        snapshots = self._engine.snapshots()
+        if not snapshots:
+            return []
+        now = self._clock()
+        predictions: list[NumberDataPoint] = []
+        outcomes: list[NumberDataPoint] = []
+        classes: list[NumberDataPoint] = []
+        durations: list[HistogramDataPoint] = []
+        scores: list[HistogramDataPoint] = []
+        for snap in snapshots:
+            base = _model_attributes(snap)
+            start = snap.start_unix_nano
+            for segment, count in snap.segments.items():
+                predictions.append(
+                    NumberDataPoint({**base, "ml.segment": segment}, start, now, count)
+                )
+            outcomes.append(NumberDataPoint(base, start, now, snap.totals.outcomes))
+            for label, count in snap.labels.items():
+                classes.append(
+                    NumberDataPoint({**base, "ml.prediction.label": label}, start, now, count)
+                )
+            if snap.totals.latency.count:
+                durations.append(_histogram_point(snap.totals.latency, base, start, now, 1e-3))
+            if snap.totals.scores.count:
+                scores.append(_histogram_point(snap.totals.scores, base, start, now, 1.0))
+        metrics = [
+            _sum(PREDICTIONS, predictions),
+            _sum(OUTCOMES, outcomes),
+            _sum(CLASSES, classes),
+            _histogram(DURATION, durations),
+            _histogram(SCORE, scores),
+        ]
+        return [m for m in metrics if _has_points(m)]
+
+    def merge(self, data: MetricsData) -> MetricsData:
+        """``data`` with the engine's metrics appended as their own instrumentation scope."""
+        metrics = self.produce()
+        if not metrics:
+            return data
+        scope = ScopeMetrics(SCOPE, metrics, "")
+        if not data.resource_metrics:
+            return MetricsData([ResourceMetrics(self._resource, [scope], "")])
+        first, *rest = data.resource_metrics
+        merged = replace(first, scope_metrics=[*first.scope_metrics, scope])
+        return MetricsData([merged, *rest])
+
+
+def inject_engine_metrics(reader: MetricReader, producer: EngineMetricsProducer) -> MetricReader:
+    """Make ``reader`` hand the engine's metrics to its exporter along with the SDK's.
+
+    ``_receive_metrics`` is the hook every MetricReader implements to receive a
+    collection; wrapping it on the instance works for push and pull readers alike.
+    """
+    receive = reader._receive_metrics
+    lock = threading.Lock()
+
+    def receive_with_engine_metrics(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
+        with lock:
+            receive(producer.merge(metrics_data), *args, **kwargs)
+
+    reader._receive_metrics = receive_with_engine_metrics  # type: ignore[method-assign]
+    return reader
+
+
+def _model_attributes(snap: ModelSnapshot) -> dict[str, str]:
+    return {"ml.model.name": snap.model, "ml.model.version": snap.version}
+
+
+def _histogram_point(
+    h: FixedHistogram, attributes: dict[str, str], start: int, now: int, scale: float
+) -> HistogramDataPoint:
+    exemplars = [
+        OtelExemplar(
+            {},
+            e.value * scale,
+            e.time_unix_nano,
+            span_id=int.from_bytes(e.span_id, "big") if len(e.span_id) == 8 else None,
+            trace_id=int.from_bytes(e.trace_id, "big"),
+        )
+        for e in h.exemplars
+        if e is not None and len(e.trace_id) == 16
+    ]
+    return HistogramDataPoint(
+        attributes=attributes,
+        start_time_unix_nano=start,
+        time_unix_nano=now,
+        count=h.count,
+        sum=h.sum * scale,
+        bucket_counts=h.counts.tolist(),
+        explicit_bounds=(h.bounds * scale).tolist(),
+        min=h.min * scale,
+        max=h.max * scale,
+        exemplars=exemplars,
+    )
+
+
+def _sum(spec: tuple[str, str, str], points: Sequence[NumberDataPoint]) -> Metric:
+    name, unit, description = spec
+    return Metric(name, description, unit, Sum(points, CUMULATIVE, is_monotonic=True))
+
+
+def _histogram(spec: tuple[str, str, str], points: Sequence[HistogramDataPoint]) -> Metric:
+    name, unit, description = spec
+    return Metric(name, description, unit, Histogram(points, CUMULATIVE))
+
+
+def _has_points(metric: Metric) -> bool:
+    return bool(metric.data.data_points)
