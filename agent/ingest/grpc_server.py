@@ -1,0 +1,254 @@
+"""The gRPC ingest server (grpc.aio): Ingest service, standard health service, reflection.
+
+Handlers receive raw bytes (no deserializer), so the message size limit is
+checked before parsing and answered with INVALID_ARGUMENT (a static limit),
+and a malformed message is a clear INVALID_ARGUMENT rather than a transport error.
+
+    server = IngestServer(settings.ingest, receiver, engine)
+    await server.start()      # server.port is the bound port (listen "127.0.0.1:0" picks one)
+    await server.drain()      # new batches get UNAVAILABLE, health turns NOT_SERVING
+    await server.stop(grace=5.0)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
+from agent.config import MODEL_NAME_PATTERN, IngestSettings
+from agent.engine import Engine
+from agent.ingest.decode import RejectCode, Rejected
+from agent.ingest.receiver import Ack, EventReceiver
+
+log = logging.getLogger(__name__)
+
+SERVICE = "mlsidecar.v1.Ingest"
+STATUS = {
+    RejectCode.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectCode.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RejectCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+# Messages beyond this reach no handler: gRPC itself refuses them (RESOURCE_EXHAUSTED).
+HARD_SIZE_FACTOR = 4
+
+
+def parse(message_type: type[Message], raw: bytes, field: str = "message") -> Any:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as error:
+        raise Rejected(
+            "malformed", f"{field}: not a valid {message_type.__name__}: {error}"
+        ) from None
+
+
+def report_struct(report: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    json_format.ParseDict(report, struct)
+    return struct
+
+
+class IngestServicer:
+    """The Ingest RPCs over raw bytes, delegating to an EventReceiver."""
+
+    def __init__(self, receiver: EventReceiver, engine: Engine) -> None:
+        self._receiver = receiver
+        self._engine = engine
+
+    def _accept_event(self, raw: bytes, method: str) -> Ack:
+        self._receiver.admit(len(raw), method)
+        event = parse(pb.EventBatch, raw, "EventBatch")
+        which = event.WhichOneof("batch")
+        if which == "predictions":
+            return self._receiver.accept_predictions(event.predictions, method=method)
+        if which == "outcomes":
+            return self._receiver.accept_outcomes(event.outcomes, method=method)
+        error = Rejected("empty_event", "batch: set predictions or outcomes")
+        self._receiver.reject(method, error)
+        raise error
+
+    async def submit_predictions(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        method = "SubmitPredictions"
+        try:
+            self._receiver.admit(len(raw), method)
+            ack = self._receiver.accept_predictions(
+                self._parse_counted(pb.PredictionBatch, raw, method), method=method
+            )
+        except Rejected as error:
+            await context.abort(STATUS[error.code], error.message)
+        return pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
+
+    async def submit_outcomes(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        method = "SubmitOutcomes"
+        try:
+            self._receiver.admit(len(raw), method)
+            ack = self._receiver.accept_outcomes(
+                self._parse_counted(pb.OutcomeBatch, raw, method), method=method
+            )
+        except Rejected as error:
+            await context.abort(STATUS[error.code], error.message)
+        return pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
+
+    async def stream_events(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for raw in requests:
+            try:
+                ack = self._accept_event(raw, "StreamEvents")
+            except Rejected as error:
+                yield pb.SubmitResponse(
+                    error=pb.Error(code=STATUS[error.code].value[0], message=error.message)
+                )
+                continue
+            yield pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
+
+    async def get_model_health(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        request = parse(pb.ModelHealthRequest, raw, "ModelHealthRequest")
+        if not MODEL_NAME_PATTERN.fullmatch(request.model):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model: {request.model[:140]!r} does not match [A-Za-z0-9._-]{{1,128}}",
+            )
+        report = self._engine.report(request.model, request.model_version or None)
+        if report is None:
+            version = f" version {request.model_version!r}" if request.model_version else ""
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"model {request.model!r}{version} has sent no events"
+            )
+            return None  # abort raises; this keeps the type checker informed
+        return model_health_message(report)
+
+    def _parse_counted(self, message_type: type[Message], raw: bytes, method: str) -> Any:
+        try:
+            return parse(message_type, raw, message_type.__name__)
+        except Rejected as error:
+            self._receiver.reject(method, error)
+            raise
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=None, response_serializer=_serialize
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "SubmitPredictions": unary(self.submit_predictions),
+                "SubmitOutcomes": unary(self.submit_outcomes),
+                "GetModelHealth": unary(self.get_model_health),
+                "StreamEvents": grpc.stream_stream_rpc_method_handler(
+                    self.stream_events, request_deserializer=None, response_serializer=_serialize
+                ),
+            },
+        )
+
+
+def model_health_message(report: dict[str, Any]) -> Any:
+    message = pb.ModelHealth(
+        report=report_struct(report),
+        window_start_unix_nano=report["window"]["start_unix_nano"],
+        window_end_unix_nano=report["window"]["end_unix_nano"],
+    )
+    score = report["health"]["score"]
+    if score is not None:
+        message.health_score = score
+    return message
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+class _BearerToken(grpc.aio.ServerInterceptor):
+    """Require ``authorization: Bearer <token>`` on every RPC but the health service."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return await continuation(details)
+        return self._deny_stream if details.method.endswith("/StreamEvents") else self._deny
+
+
+class IngestServer:
+    """Owns the grpc.aio server; start/drain/stop in the agent's lifecycle."""
+
+    def __init__(self, settings: IngestSettings, receiver: EventReceiver, engine: Engine) -> None:
+        self.settings = settings
+        self.receiver = receiver
+        self.servicer = IngestServicer(receiver, engine)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        hard_limit = max(s.max_message_bytes * HARD_SIZE_FACTOR, 4 * 1024 * 1024)
+        interceptors = [] if s.token is None else [_BearerToken(s.token.get_secret_value())]
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=s.max_in_flight,
+            options=[
+                ("grpc.max_receive_message_length", hard_limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        if s.tls is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(s.tls.key.read_bytes(), s.tls.cert.read_bytes())],
+                root_certificates=s.tls.client_ca.read_bytes() if s.tls.client_ca else None,
+                require_client_auth=s.tls.client_ca is not None,
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"ingest.listen: cannot bind {s.listen}")
+        await server.start()
+        self._server, self.port = server, port
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("gRPC ingest listening", extra={"address": f"{s.host}:{port}"})
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and not self.receiver.draining
+
+    async def drain(self) -> None:
+        """Refuse new batches (UNAVAILABLE) and report NOT_SERVING; in-flight ones finish."""
+        self.receiver.draining = True
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

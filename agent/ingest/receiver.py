@@ -1,0 +1,230 @@
+"""The receiver core shared by gRPC and HTTP ingest: validate, de-duplicate, hand to the engine.
+
+receiver = EventReceiver(engine, limits, meter=meter_provider.get_meter("mlsidecar"),
+                         tracer=tracer_provider.get_tracer("mlsidecar"), clock=time.time_ns)
+receiver.admit(len(raw), "SubmitPredictions")
+ack = receiver.accept_predictions(pb.PredictionBatch.FromString(raw), method="SubmitPredictions")
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
+
+from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
+from agent.engine import Engine, ModelLimitError
+from agent.ingest.decode import (
+    Limits,
+    RejectCode,
+    Rejected,
+    check_size,
+    decode_outcomes,
+    decode_predictions,
+)
+
+MAX_SPAN_LINKS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    accepted: int
+    duplicate: bool = False
+
+
+class BatchDeduplicator:
+    """Remembers recently accepted batch ids for ``window_ns``, at most ``max_batches`` of them.
+
+    A re-sent batch (same kind, model and batch_id) is acknowledged again but not counted twice.
+    """
+
+    def __init__(self, window_ns: int, max_batches: int, clock: Callable[[], int]) -> None:
+        self._window_ns = window_ns
+        self._max = max_batches
+        self._clock = clock
+        self._seen: OrderedDict[tuple[str, str, str], tuple[int, int]] = OrderedDict()
+
+    def seen(self, key: tuple[str, str, str]) -> int | None:
+        """Rows acknowledged for ``key`` if it was accepted within the window."""
+        if not key[2] or self._max == 0:
+            return None
+        self._expire()
+        hit = self._seen.get(key)
+        return None if hit is None else hit[1]
+
+    def remember(self, key: tuple[str, str, str], rows: int) -> None:
+        if not key[2] or self._max == 0:
+            return
+        self._seen[key] = (self._clock(), rows)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+
+    def _expire(self) -> None:
+        horizon = self._clock() - self._window_ns
+        seen = self._seen
+        while seen:
+            _, (at, _) = next(iter(seen.items()))
+            if at >= horizon:
+                break
+            seen.popitem(last=False)
+
+
+class EventReceiver:
+    """Turns wire batches into engine observations; one span and a few counters per batch."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits,
+        *,
+        meter: Meter,
+        tracer: Tracer,
+        clock: Callable[[], int],
+        dedup_window_s: float = 600.0,
+        dedup_max_batches: int = 100_000,
+    ) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._tracer = tracer
+        self._clock = clock
+        self._dedup = BatchDeduplicator(int(dedup_window_s * 1e9), dedup_max_batches, clock)
+        self.draining = False
+        self._batches = meter.create_counter(
+            "mlsidecar.ingest.batches",
+            unit="{batch}",
+            description="Batches received, by RPC method and result (accepted, duplicate, rejected).",
+        )
+        self._rows = meter.create_counter(
+            "mlsidecar.ingest.rows",
+            unit="{row}",
+            description="Rows accepted, by kind (prediction, outcome).",
+        )
+        self._duration = meter.create_histogram(
+            "mlsidecar.ingest.duration",
+            unit="s",
+            description="Time to validate and process one batch.",
+            explicit_bucket_boundaries_advisory=[
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.5,
+                1.0,
+            ],
+        )
+
+    def admit(self, size: int, method: str) -> None:
+        """Refuse a message before parsing it: while draining, or when it is too large."""
+        try:
+            if self.draining:
+                raise Rejected(
+                    "shutting_down",
+                    "the agent is shutting down; retry on another replica or later",
+                    RejectCode.UNAVAILABLE,
+                )
+            check_size(size, self._limits)
+        except Rejected as error:
+            self.reject(method, error)
+            raise
+
+    def accept_predictions(self, batch: pb.PredictionBatch, *, method: str) -> Ack:
+        return self._accept("prediction", batch, method)
+
+    def accept_outcomes(self, batch: pb.OutcomeBatch, *, method: str) -> Ack:
+        return self._accept("outcome", batch, method)
+
+    def reject(self, method: str, error: Rejected) -> None:
+        """Count a rejection decided outside ``_accept`` (e.g. an unparsable message)."""
+        self._batches.add(
+            1, {"rpc.method": method, "mlsidecar.result": "rejected", "error.type": error.reason}
+        )
+
+    def _accept(self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch, method: str) -> Ack:
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            f"mlsidecar.v1.Ingest/{method}",
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "mlsidecar.v1.Ingest",
+                "rpc.method": method,
+                "ml.model.name": batch.model,
+                "ml.model.version": batch.model_version,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                ack = self._process(kind, batch)
+            except Rejected as error:
+                span.set_status(Status(StatusCode.ERROR, error.message))
+                span.set_attribute("error.type", error.reason)
+                self.reject(method, error)
+                raise
+            span.set_attribute("mlsidecar.batch.rows", ack.accepted)
+            if ack.duplicate:
+                span.set_attribute("mlsidecar.batch.duplicate", True)
+            trace_ids = getattr(batch, "trace_ids", None)
+            if trace_ids and not ack.duplicate:
+                _link_model_requests(span, trace_ids, batch.span_ids)
+        result = "duplicate" if ack.duplicate else "accepted"
+        self._batches.add(1, {"rpc.method": method, "mlsidecar.result": result})
+        if not ack.duplicate:
+            self._rows.add(ack.accepted, {"mlsidecar.kind": kind})
+        self._duration.record(time.perf_counter() - started, {"rpc.method": method})
+        return ack
+
+    def _process(self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch) -> Ack:
+        key = (kind, batch.model, batch.batch_id)
+        rows = self._dedup.seen(key)
+        if rows is not None:
+            return Ack(rows, duplicate=True)
+        now = self._clock()
+        try:
+            if isinstance(batch, pb.PredictionBatch):
+                cols = decode_predictions(batch, self._limits, received_unix_nano=now)
+                self._engine.observe_predictions(cols)
+                rows = cols.rows
+            else:
+                outcomes = decode_outcomes(batch, self._limits, received_unix_nano=now)
+                self._engine.observe_outcomes(outcomes)
+                rows = outcomes.rows
+        except ModelLimitError as error:
+            raise Rejected("too_many_models", str(error)) from None
+        self._dedup.remember(key, rows)
+        return Ack(rows)
+
+
+def _link_model_requests(
+    span: trace.Span, trace_ids: Sequence[bytes], span_ids: Sequence[bytes]
+) -> None:
+    """Link the ingest span to a few of the model requests whose predictions it carried."""
+    seen: set[bytes] = set()
+    for row, trace_id in enumerate(trace_ids):
+        if len(seen) >= MAX_SPAN_LINKS:
+            break
+        if len(trace_id) != 16 or trace_id in seen:
+            continue
+        span_id = span_ids[row] if row < len(span_ids) else b""
+        if len(span_id) != 8:
+            continue
+        seen.add(trace_id)
+        context = SpanContext(
+            int.from_bytes(trace_id, "big"),
+            int.from_bytes(span_id, "big"),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+        span.add_link(context, {"ml.link": "prediction"})
