@@ -1,0 +1,236 @@
+"""The admin HTTP API: health, readiness, model reports, HTTP JSON ingest, /metrics.
+
+api = AdminApi(settings.api, engine, receiver, readiness=agent.readiness,
+               tracer_provider=tp, meter_provider=mp, prometheus_registry=registry)
+await api.start()     # api.port is the bound port
+await api.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from agent import __version__
+from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
+from agent.config import MODEL_NAME_PATTERN, ApiSettings
+from agent.engine import Engine
+from agent.ingest.decode import RejectCode, Rejected
+from agent.ingest.receiver import EventReceiver
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {RejectCode.INVALID: 400, RejectCode.BUSY: 429, RejectCode.UNAVAILABLE: 503}
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _error(status: int, code: str, reason: str, message: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "reason": reason, "message": message}}, status_code=status
+    )
+
+
+def _bearer_matches(request: Request, token: str) -> bool:
+    supplied = request.headers.get("authorization", "")
+    return hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode())
+
+
+def build_app(
+    settings: ApiSettings,
+    engine: Engine,
+    receiver: EventReceiver,
+    *,
+    readiness: Callable[[], dict[str, bool]],
+    prometheus_registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="mlsidecar admin API",
+        version=__version__,
+        description="Health of the agent and of the models it watches; HTTP JSON ingest.",
+    )
+
+    if settings.token is not None:
+        token = settings.token.get_secret_value()
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next: Any) -> Any:
+            if request.url.path in OPEN_PATHS or _bearer_matches(request, token):
+                return await call_next(request)
+            return _error(401, "UNAUTHENTICATED", "token", "missing or wrong bearer token")
+
+    def require_admin(request: Request) -> None:
+        if settings.admin_token is not None and not _bearer_matches(
+            request, settings.admin_token.get_secret_value()
+        ):
+            raise HTTPException(401, "this endpoint needs the admin token (api.admin_token)")
+
+    @app.get("/healthz", tags=["agent"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process is up and its event loop answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["agent"])
+    async def readyz() -> JSONResponse:
+        """Readiness: gRPC ingest is serving and telemetry exporters are configured."""
+        checks = readiness()
+        ready = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/v1/models", tags=["models"])
+    async def list_models() -> dict[str, Any]:
+        """Every model version the agent has seen."""
+        return {"models": engine.models()}
+
+    @app.get("/v1/models/{model}/health", tags=["models"])
+    async def model_health(
+        model: str, version: str | None = Query(None, description="default: latest version seen")
+    ) -> JSONResponse:
+        """The model's health report (docs/health-report.md), same as gRPC GetModelHealth."""
+        if not MODEL_NAME_PATTERN.fullmatch(model):
+            return _error(
+                400,
+                "INVALID_ARGUMENT",
+                "invalid_model",
+                f"model: {model[:140]!r} does not match [A-Za-z0-9._-]{{1,128}}",
+            )
+        report = engine.report(model, version)
+        if report is None:
+            suffix = f" version {version!r}" if version else ""
+            return _error(
+                404, "NOT_FOUND", "unknown_model", f"model {model!r}{suffix} has sent no events"
+            )
+        return JSONResponse(report)
+
+    @app.delete("/v1/models/{model}", tags=["models"], dependencies=[Depends(require_admin)])
+    async def forget_model(model: str) -> JSONResponse:
+        """Forget a model: all its versions' state. Needs the admin token when one is set."""
+        removed = engine.forget(model)
+        if not removed:
+            return _error(404, "NOT_FOUND", "unknown_model", f"model {model!r} is not tracked")
+        return JSONResponse({"model": model, "forgotten_versions": removed})
+
+    async def ingest(request: Request, message_type: type[Message], accept: Any) -> JSONResponse:
+        method = "http:" + request.url.path
+        body = await request.body()
+        try:
+            receiver.admit(len(body), method)
+            try:
+                message = json_format.ParseDict(json.loads(body or b"null"), message_type())
+            except (json_format.ParseError, ValueError, TypeError, AttributeError) as error:
+                rejected = Rejected(
+                    "malformed", f"body: not a valid {message_type.__name__}: {error}"
+                )
+                receiver.reject(method, rejected)
+                raise rejected from None
+            ack = accept(message, method=method)
+        except Rejected as error:
+            return _error(HTTP_STATUS[error.code], error.code.value, error.reason, error.message)
+        return JSONResponse({"accepted": ack.accepted, "duplicate": ack.duplicate})
+
+    @app.post("/v1/predictions", tags=["ingest"])
+    async def post_predictions(request: Request) -> JSONResponse:
+        """A PredictionBatch in protobuf JSON form (same fields and validation as gRPC)."""
+        return await ingest(request, pb.PredictionBatch, receiver.accept_predictions)
+
+    @app.post("/v1/outcomes", tags=["ingest"])
+    async def post_outcomes(request: Request) -> JSONResponse:
+        """An OutcomeBatch in protobuf JSON form (same fields and validation as gRPC)."""
+        return await ingest(request, pb.OutcomeBatch, receiver.accept_outcomes)
+
+    if prometheus_registry is not None:
+        registry = prometheus_registry
+
+        @app.get("/metrics", tags=["agent"], include_in_schema=False)
+        def metrics(request: Request) -> Response:
+            encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+            return Response(encoder(registry), media_type=content_type)
+
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the agent's loop: the agent, not uvicorn, owns signal handling."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class AdminApi:
+    """Owns the uvicorn server for the admin app."""
+
+    def __init__(
+        self,
+        settings: ApiSettings,
+        app: FastAPI,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.app = app
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            excluded_urls="healthz,readyz,metrics",
+        )
+        self.port: int | None = None
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.host, s.port))
+        except OSError as error:
+            sock.close()
+            raise OSError(f"api.listen: cannot bind {s.listen}: {error.strerror}") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=str(s.tls.cert) if s.tls else None,
+            ssl_keyfile=str(s.tls.key) if s.tls else None,
+            ssl_ca_certs=str(s.tls.client_ca) if s.tls and s.tls.client_ca else None,
+            ssl_cert_reqs=2 if s.tls and s.tls.client_ca else 0,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("admin API stopped during start-up")
+            await asyncio.sleep(0.01)
+        log.info("admin API listening", extra={"address": f"{s.host}:{self.port}"})
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = None

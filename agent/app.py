@@ -1,0 +1,180 @@
+"""Wiring: builds every component from config, starts them in order, stops them in reverse.
+
+    agent = Agent(Settings.load(Path("mlsidecar.yaml")))
+    await agent.start()
+    ...                      # agent.ingest.port, agent.api.port
+    await agent.stop()       # drain -> finish in-flight -> stop servers -> flush telemetry
+
+``run_until_signalled`` is what ``mlsidecar run`` uses: SIGTERM/SIGINT begin a
+graceful stop bounded by ``shutdown_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace import SpanProcessor
+from prometheus_client import CollectorRegistry
+
+from agent import __version__
+from agent.api.app import AdminApi, build_app
+from agent.config import Settings
+from agent.engine import Engine, ModelConfig
+from agent.ingest.decode import Limits
+from agent.ingest.grpc_server import IngestServer
+from agent.ingest.receiver import EventReceiver
+from agent.telemetry.providers import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
+    """Per-model engine config: ``models.<name>`` overrides over the ``engine`` section."""
+    engine = settings.engine
+
+    def config_for(model: str) -> ModelConfig:
+        override = settings.for_model(model)
+        window_s = override.window_s or engine.window_s
+        return ModelConfig(
+            window_ns=int(window_s * 1e9),
+            min_window_rows=engine.min_window_rows,
+            latency_bounds_ms=tuple(engine.latency_buckets_ms),
+            score_bounds=tuple(override.score_buckets or engine.score_buckets),
+            max_segments=engine.max_segments,
+        )
+
+    return config_for
+
+
+class Agent:
+    """The whole sidecar. Extra readers/processors/exporters are for tests and embedding."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        metric_readers: Sequence[MetricReader] = (),
+        span_processors: Sequence[SpanProcessor] = (),
+        **exporters: Any,
+    ) -> None:
+        self.settings = settings
+        self.engine = Engine(
+            model_config_resolver(settings), max_models=settings.ingest.max_models, clock=clock
+        )
+        self.prometheus_registry = (
+            CollectorRegistry(auto_describe=False) if settings.api.prometheus else None
+        )
+        self.telemetry = Telemetry(
+            settings.telemetry,
+            self.engine,
+            clock=clock,
+            prometheus_registry=self.prometheus_registry,
+            extra_metric_readers=metric_readers,
+            extra_span_processors=span_processors,
+            **exporters,
+        )
+        meter = self.telemetry.meter_provider.get_meter("mlsidecar", __version__)
+        tracer = self.telemetry.tracer_provider.get_tracer("mlsidecar", __version__)
+        meter.create_observable_gauge(
+            "mlsidecar.models",
+            callbacks=[self._observe_models],
+            unit="{model}",
+            description="Model versions the agent tracks.",
+        )
+        ingest = settings.ingest
+        self.receiver = EventReceiver(
+            self.engine,
+            Limits(ingest.max_rows_per_batch, ingest.max_features, ingest.max_message_bytes),
+            meter=meter,
+            tracer=tracer,
+            clock=clock,
+            dedup_window_s=ingest.dedup_window_s,
+            dedup_max_batches=ingest.dedup_max_batches,
+        )
+        self.ingest = IngestServer(ingest, self.receiver, self.engine)
+        app = build_app(
+            settings.api,
+            self.engine,
+            self.receiver,
+            readiness=self.readiness,
+            prometheus_registry=self.prometheus_registry,
+        )
+        self.api = AdminApi(
+            settings.api,
+            app,
+            tracer_provider=self.telemetry.tracer_provider,
+            meter_provider=self.telemetry.meter_provider,
+        )
+        self._started = False
+
+    def _observe_models(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(len(self.engine.models()))
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "grpc_serving": self.ingest.serving,
+            "telemetry_configured": self.telemetry.configured,
+        }
+
+    async def start(self) -> None:
+        """Start ingest first, then the admin API; a failure stops what already started."""
+        try:
+            await self.ingest.start()
+            await self.api.start()
+        except BaseException:
+            await self.ingest.stop(0)
+            self.telemetry.shutdown()
+            raise
+        if self.telemetry.log_handler is not None:
+            logging.getLogger().addHandler(self.telemetry.log_handler)
+        self._started = True
+        log.info(
+            "mlsidecar started",
+            extra={
+                "version": __version__,
+                "ingest": f"{self.ingest.settings.host}:{self.ingest.port}",
+                "api": f"{self.api.settings.host}:{self.api.port}",
+                "exporting": ",".join(self.telemetry.exporting) or "nothing",
+            },
+        )
+
+    async def stop(self) -> None:
+        """Drain, let in-flight batches finish, stop servers, flush telemetry; bounded."""
+        if not self._started:
+            return
+        self._started = False
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        log.info("mlsidecar stopping", extra={"deadline_s": self.settings.shutdown_timeout_s})
+        await self.ingest.drain()
+        # Leave at least a third of the deadline to flush telemetry.
+        grace = max(self.settings.shutdown_timeout_s * 2 / 3, 0.1)
+        await self.ingest.stop(grace)
+        await self.api.stop()
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.telemetry.shutdown), remaining)
+        except TimeoutError:
+            log.error("telemetry flush did not finish before the shutdown deadline")
+        log.info("mlsidecar stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Start, then stop gracefully on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        try:
+            await self.start()
+            await stop_requested.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
