@@ -17,7 +17,13 @@ from opentelemetry import trace
 from agent.config import LoggingSettings
 
 # Attributes every LogRecord has; anything else came from ``extra=`` and is logged as a field.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn adds "color_message" (the message with ANSI colours) to its records.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

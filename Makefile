@@ -1,0 +1,52 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   — the agent plus a synthetic model service, on embedded defaults
+#   make test   — lint, type-check and the whole test suite (incl. slow end-to-end tests)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck pytest proto proto-lint bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mlsidecar demo $(DEMO_ARGS)
+
+# Debian packages the tests start for real (Prometheus scrapes a running agent).
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing Debian package: prometheus"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check agent tests bench scripts
+	$(BIN)/ruff check agent tests bench scripts
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck proto-lint pytest
+
+# Regenerate the committed Python stubs from proto/ (tests fail when they are stale).
+proto: $(STAMP)
+	$(BIN)/python scripts/genproto.py
+
+proto-lint:
+	cd proto && npx --yes @bufbuild/buf@1.47.2 lint
+
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

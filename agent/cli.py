@@ -1,0 +1,292 @@
+"""The ``mlsidecar`` command.
+
+    mlsidecar run --config mlsidecar.yaml          # the sidecar, until SIGTERM/SIGINT
+    mlsidecar demo --duration 60                   # agent + synthetic model traffic
+    mlsidecar health fraud-scorer                  # ask a running agent for a model's report
+    mlsidecar health --probe                       # exit 0 only when the agent is serving
+    mlsidecar config show --config mlsidecar.yaml  # effective config, secrets redacted
+    mlsidecar config validate mlsidecar.yaml
+
+Exit codes: 0 ok, 1 not healthy / not reachable, 2 bad usage or invalid config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from agent import __version__
+from agent.config import Settings
+from agent.telemetry.logs import configure_logging
+
+EXIT_UNHEALTHY = 1
+EXIT_USAGE = 2
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names every offending key."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return f"invalid configuration ({error.error_count()} error(s)):\n" + "\n".join(lines)
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    try:
+        return Settings.load(path, **overrides)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+    except (FileNotFoundError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config: {error}") from None
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "ingest_listen", None):
+        overrides["ingest"] = {"listen": args.ingest_listen}
+    if getattr(args, "api_listen", None):
+        overrides["api"] = {"listen": args.api_listen}
+    if getattr(args, "log_level", None):
+        overrides["logging"] = {"level": args.log_level}
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import Agent  # the server stack is imported only by commands that need it
+
+    settings = load_settings(args.config, **_cli_overrides(args))
+    configure_logging(settings.logging)
+    asyncio.run(Agent(settings).run_until_signalled())
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    data = settings.redacted()
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    load_settings(args.file)
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _api_get(settings: Settings, path: str, timeout: float) -> tuple[int, Any]:
+    host, port = settings.api.host, settings.api.port
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.api.tls else "http"
+    request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")
+    if settings.api.token is not None:
+        request.add_header("Authorization", f"Bearer {settings.api.token.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except ValueError:
+            return error.code, {"detail": body.decode(errors="replace")}
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    overrides = {"api": {"listen": args.api}} if args.api else {}
+    settings = load_settings(args.config, **overrides)
+    path = "/readyz"
+    if args.model:
+        path = f"/v1/models/{args.model}/health"
+        if args.version:
+            path += f"?version={args.version}"
+    try:
+        status, body = _api_get(settings, path, args.timeout)
+    except (OSError, urllib.error.URLError) as error:
+        if not args.probe:
+            print(f"no agent answering at {settings.api.listen}: {error}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    if args.probe:
+        return 0 if status == 200 else EXIT_UNHEALTHY
+    print(json.dumps(body, indent=2))
+    return 0 if status == 200 else EXIT_UNHEALTHY
+
+
+def _demo_settings(args: argparse.Namespace) -> Settings:
+    overrides = _cli_overrides(args)
+    # Without a Collector to send to, the demo exports nothing over OTLP (no retry noise);
+    # /metrics and the health endpoint show everything. OTEL_* endpoints turn OTLP on.
+    otlp_env = any(
+        os.environ.get(name)
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    )
+    overrides.setdefault("telemetry", {})["otlp"] = otlp_env
+    overrides["telemetry"].setdefault("service_name", "fraud-scorer")
+    overrides.setdefault("engine", {}).setdefault("window_s", args.window)
+    return load_settings(args.config, **overrides)
+
+
+def _summary_line(report: dict[str, Any] | None, elapsed: float) -> str:
+    if report is None:
+        return f"[{elapsed:6.0f}s] waiting for the first batch"
+    window, totals = report["window"], report["totals"]
+    latency = window.get("latency_ms") or {}
+    score = window.get("score") or {}
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.3g}"
+
+    return (
+        f"[{elapsed:6.0f}s] {report['model']}@{report['version']}: "
+        f"{totals['rows']} predictions, {totals['outcomes']} outcomes | window: "
+        f"{window['count']} rows, latency p50 {fmt(latency.get('p50'))} ms "
+        f"p99 {fmt(latency.get('p99'))} ms, mean score {fmt(score.get('mean'))}"
+    )
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> None:
+    from agent.app import Agent
+    from agent.demo import MODEL, SyntheticTraffic
+
+    agent = Agent(settings)
+    await agent.start()
+    api = f"http://{settings.api.host}:{agent.api.port}"
+    print(
+        f"mlsidecar demo: agent ingest on {settings.ingest.host}:{agent.ingest.port}, "
+        f"admin API on {api}\n"
+        f"  model health:  {api}/v1/models/{MODEL}/health\n"
+        f"  metrics:       {api}/metrics\n"
+        f"  API docs:      {api}/docs\n"
+        f"  OTLP export:   {', '.join(agent.telemetry.exporting) or 'off (set OTEL_EXPORTER_OTLP_ENDPOINT)'}\n"
+        f"  Ctrl-C stops{'' if args.duration is None else f'; runs for {args.duration:g}s'}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig_name in ("SIGINT", "SIGTERM"):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(getattr(__import__("signal"), sig_name), stop.set)
+    traffic = SyntheticTraffic(f"127.0.0.1:{agent.ingest.port}", rate=args.rate)
+    sender = asyncio.create_task(traffic.run(stop))
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.every)
+            elapsed = time.monotonic() - started
+            print(_summary_line(agent.engine.report(MODEL), elapsed), flush=True)
+            if args.duration is not None and elapsed >= args.duration:
+                stop.set()
+    finally:
+        stop.set()
+        await sender
+        await agent.stop()
+    print(
+        f"demo finished: sent {traffic.sent_predictions} predictions and "
+        f"{traffic.sent_outcomes} outcomes ({traffic.failed_batches} failed batches)",
+        flush=True,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _demo_settings(args)
+    configure_logging(settings.logging)
+    asyncio.run(_demo(settings, args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlsidecar", description="Monitoring sidecar for ML model services."
+    )
+    parser.add_argument("--version", action="version", version=f"mlsidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--config", "-c", type=Path, default=os.environ.get("MLSIDECAR_CONFIG") or None,
+            help="YAML config file (default: $MLSIDECAR_CONFIG, else built-in defaults)",
+        )  # fmt: skip
+
+    def with_listeners(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--ingest-listen", metavar="HOST:PORT", help="gRPC ingest address")
+        sub.add_argument("--api-listen", metavar="HOST:PORT", help="admin HTTP API address")
+        sub.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    run = commands.add_parser("run", help="run the sidecar until SIGTERM/SIGINT")
+    with_config(run)
+    with_listeners(run)
+    run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser("demo", help="run the agent with synthetic model traffic")
+    with_config(demo)
+    with_listeners(demo)
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--rate", type=float, default=500.0, help="predictions per second")
+    demo.add_argument("--every", type=float, default=5.0, help="seconds between summaries")
+    demo.add_argument("--window", type=float, default=60.0, help="engine window, seconds")
+    demo.set_defaults(handler=cmd_demo)
+
+    health = commands.add_parser("health", help="ask a running agent how it and a model are")
+    with_config(health)
+    health.add_argument("model", nargs="?", help="model name (default: the agent's readiness)")
+    health.add_argument("--version", dest="version", help="model version (default: latest)")
+    health.add_argument("--api", metavar="HOST:PORT", help="admin API address (default: config)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument(
+        "--probe", action="store_true", help="print nothing; exit 0 only when ready (exec probes)"
+    )
+    health.set_defaults(handler=cmd_health)
+
+    config = commands.add_parser("config", help="show or validate configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_commands.add_parser("show", help="print the effective config, secrets redacted")
+    with_config(show)
+    show.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    show.set_defaults(handler=cmd_config_show)
+    validate = config_commands.add_parser("validate", help="check a config file")
+    validate.add_argument("file", type=Path)
+    validate.set_defaults(handler=cmd_config_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        print(f"mlsidecar: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except OSError as error:  # e.g. address already in use
+        logging.getLogger("mlsidecar").error("cannot start: %s", error)
+        print(f"mlsidecar: {error}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+
+
+if __name__ == "__main__":
+    sys.exit(main())
