@@ -22,8 +22,17 @@ from typing import Any
 
 from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    MeterProvider,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
@@ -40,6 +49,17 @@ from agent.telemetry.engine_metrics import EngineMetricsProducer, inject_engine_
 log = logging.getLogger(__name__)
 
 SIGNALS = ("traces", "metrics", "logs")
+CUMULATIVE_ONLY: dict[type, AggregationTemporality] = {
+    instrument: AggregationTemporality.CUMULATIVE
+    for instrument in (
+        Counter,
+        UpDownCounter,
+        Histogram,
+        ObservableCounter,
+        ObservableUpDownCounter,
+        ObservableGauge,
+    )
+}
 
 
 def otlp_protocol(settings: TelemetrySettings, signal: str) -> str:
@@ -105,7 +125,9 @@ def _otlp_exporter(settings: TelemetrySettings, signal: str) -> Any:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
                 OTLPMetricExporter,
             )
-        return OTLPMetricExporter(**kwargs)
+        # Engine points are cumulative; the SDK's instruments must agree whatever
+        # OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE says.
+        return OTLPMetricExporter(**kwargs, preferred_temporality=CUMULATIVE_ONLY)
     if signal == "traces":
         if grpc:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
