@@ -162,7 +162,10 @@ class Agent:
         try:
             await asyncio.wait_for(asyncio.to_thread(self.telemetry.shutdown), remaining)
         except TimeoutError:
-            log.error("telemetry flush did not finish before the shutdown deadline")
+            log.error("telemetry flush overran the shutdown deadline; dropping the rest")
+            # The flush thread cannot be cancelled; stopping its exporters ends it, so
+            # the process (asyncio.run joins that thread) exits within the deadline.
+            self.telemetry.abort()
         log.info("mlsidecar stopped")
 
     async def run_until_signalled(self) -> None:

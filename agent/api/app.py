@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -45,6 +45,16 @@ def _error(status: int, code: str, reason: str, message: str) -> JSONResponse:
     )
 
 
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
 def _bearer_matches(request: Request, token: str) -> bool:
     supplied = request.headers.get("authorization", "")
     return hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode())
@@ -65,19 +75,29 @@ def build_app(
     )
 
     if settings.token is not None:
-        token = settings.token.get_secret_value()
+        # The admin token is the stronger credential: a request carries one authorization
+        # header, so the admin endpoints could never be reached if it were not accepted here.
+        tokens = [settings.token.get_secret_value()]
+        if settings.admin_token is not None:
+            tokens.append(settings.admin_token.get_secret_value())
 
         @app.middleware("http")
         async def require_token(request: Request, call_next: Any) -> Any:
-            if request.url.path in OPEN_PATHS or _bearer_matches(request, token):
+            if request.url.path in OPEN_PATHS or any(_bearer_matches(request, t) for t in tokens):
                 return await call_next(request)
             return _error(401, "UNAUTHENTICATED", "token", "missing or wrong bearer token")
 
-    def require_admin(request: Request) -> None:
-        if settings.admin_token is not None and not _bearer_matches(
+    def admin_refusal(request: Request) -> JSONResponse | None:
+        if settings.admin_token is None or _bearer_matches(
             request, settings.admin_token.get_secret_value()
         ):
-            raise HTTPException(401, "this endpoint needs the admin token (api.admin_token)")
+            return None
+        return _error(
+            401,
+            "UNAUTHENTICATED",
+            "admin_token",
+            "this endpoint needs the admin token (api.admin_token)",
+        )
 
     @app.get("/healthz", tags=["agent"])
     async def healthz() -> dict[str, str]:
@@ -119,9 +139,11 @@ def build_app(
             )
         return JSONResponse(report)
 
-    @app.delete("/v1/models/{model}", tags=["models"], dependencies=[Depends(require_admin)])
-    async def forget_model(model: str) -> JSONResponse:
+    @app.delete("/v1/models/{model}", tags=["models"])
+    async def forget_model(model: str, request: Request) -> JSONResponse:
         """Forget a model: all its versions' state. Needs the admin token when one is set."""
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
         removed = engine.forget(model)
         if not removed:
             return _error(404, "NOT_FOUND", "unknown_model", f"model {model!r} is not tracked")
@@ -133,7 +155,12 @@ def build_app(
         try:
             receiver.admit(len(body), method)
             try:
-                message = json_format.ParseDict(json.loads(body or b"null"), message_type())
+                if not body.strip():
+                    raise ValueError("the body is empty; send a JSON object")
+                document = json.loads(body)
+                if not isinstance(document, dict):
+                    raise TypeError(f"expected a JSON object, got {_json_kind(document)}")
+                message = json_format.ParseDict(document, message_type())
             except (json_format.ParseError, ValueError, TypeError, AttributeError) as error:
                 rejected = Rejected(
                     "malformed", f"body: not a valid {message_type.__name__}: {error}"
@@ -200,7 +227,9 @@ class AdminApi:
     async def start(self) -> None:
         s = self.settings
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
+        # without it every response waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((s.host, s.port))

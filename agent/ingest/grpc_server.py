@@ -64,7 +64,7 @@ class IngestServicer:
 
     def _accept_event(self, raw: bytes, method: str) -> Ack:
         self._receiver.admit(len(raw), method)
-        event = parse(pb.EventBatch, raw, "EventBatch")
+        event = self._parse_counted(pb.EventBatch, raw, method)
         which = event.WhichOneof("batch")
         if which == "predictions":
             return self._receiver.accept_predictions(event.predictions, method=method)
@@ -110,7 +110,10 @@ class IngestServicer:
             yield pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
 
     async def get_model_health(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        request = parse(pb.ModelHealthRequest, raw, "ModelHealthRequest")
+        try:
+            request = parse(pb.ModelHealthRequest, raw, "ModelHealthRequest")
+        except Rejected as error:
+            await context.abort(STATUS[error.code], error.message)
         if not MODEL_NAME_PATTERN.fullmatch(request.model):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -228,11 +231,15 @@ class IngestServer:
                 root_certificates=s.tls.client_ca.read_bytes() if s.tls.client_ca else None,
                 require_client_auth=s.tls.client_ca is not None,
             )
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        try:  # grpcio raises RuntimeError when the address cannot be bound (older ones return 0)
+            if s.tls is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"ingest.listen: cannot bind {s.listen}")
+            raise OSError(f"ingest.listen: cannot bind {s.listen} (address in use?)")
         await server.start()
         self._server, self.port = server, port
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -176,9 +176,8 @@ class EventReceiver:
             span.set_attribute("mlsidecar.batch.rows", ack.accepted)
             if ack.duplicate:
                 span.set_attribute("mlsidecar.batch.duplicate", True)
-            trace_ids = getattr(batch, "trace_ids", None)
-            if trace_ids and not ack.duplicate:
-                _link_model_requests(span, trace_ids, batch.span_ids)
+            if isinstance(batch, pb.PredictionBatch) and batch.trace_ids and not ack.duplicate:
+                _link_model_requests(span, batch.trace_ids, batch.span_ids)
         result = "duplicate" if ack.duplicate else "accepted"
         self._batches.add(1, {"rpc.method": method, "mlsidecar.result": result})
         if not ack.duplicate:

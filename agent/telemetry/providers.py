@@ -175,11 +175,13 @@ class Telemetry:
         self.resource = build_resource(settings)
         self.engine_metrics = EngineMetricsProducer(engine, self.resource, clock)
         self.exporting: list[str] = []
+        self._exporters: list[Any] = []  # push exporters, for abort()
 
         readers: list[MetricReader] = list(extra_metric_readers)
         if metric_exporter is None and otlp_enabled(settings, "metrics"):
             metric_exporter = _otlp_exporter(settings, "metrics")
         if metric_exporter is not None:
+            self._exporters.append(metric_exporter)
             readers.append(
                 PeriodicExportingMetricReader(
                     metric_exporter, export_interval_millis=export_interval_ms(settings)
@@ -202,6 +204,7 @@ class Telemetry:
         if span_exporter is None and otlp_enabled(settings, "traces"):
             span_exporter = _otlp_exporter(settings, "traces")
         if span_exporter is not None:
+            self._exporters.append(span_exporter)
             self.tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
             self.exporting.append("otlp-traces")
 
@@ -210,6 +213,7 @@ class Telemetry:
             log_exporter = _otlp_exporter(settings, "logs")
         self.log_handler: logging.Handler | None = None
         if log_exporter is not None:
+            self._exporters.append(log_exporter)
             self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
             self.log_handler = LoggingHandler(logger_provider=self.logger_provider)
             self.exporting.append("otlp-logs")
@@ -231,3 +235,16 @@ class Telemetry:
         if self.log_handler is not None:
             logging.getLogger().removeHandler(self.log_handler)
         self.logger_provider.shutdown()
+
+    def abort(self) -> None:
+        """Stop the push exporters now: retries give up and later exports are dropped.
+
+        For a ``shutdown`` that overran its deadline (say the Collector is down): the
+        exporters would otherwise keep retrying for their own timeouts, one signal
+        after another, and keep the process alive well past ``shutdown_timeout_s``.
+        """
+        for exporter in self._exporters:
+            try:
+                exporter.shutdown()
+            except Exception:
+                log.debug("exporter shutdown failed", exc_info=True)
