@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from agent.telemetry.logs import configure_logging
 
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
+DEMO_WINDOW_S = 60.0
 
 
 class ConfigError(Exception):
@@ -58,6 +58,8 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
         raise ConfigError(describe_validation_error(error)) from None
     except (FileNotFoundError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read config: {error}") from None
+    except ValueError as error:  # e.g. an unknown MLSIDECAR_* variable
+        raise ConfigError(f"invalid configuration: {error}") from None
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,8 +147,13 @@ def _demo_settings(args: argparse.Namespace) -> Settings:
     )
     overrides.setdefault("telemetry", {})["otlp"] = otlp_env
     overrides["telemetry"].setdefault("service_name", "fraud-scorer")
-    overrides.setdefault("engine", {}).setdefault("window_s", args.window)
-    return load_settings(args.config, **overrides)
+    if args.window is not None:
+        overrides.setdefault("engine", {})["window_s"] = args.window
+    settings = load_settings(args.config, **overrides)
+    if "window_s" not in settings.engine.model_fields_set:
+        # A one-minute window shows windows roll within a demo's attention span.
+        settings.engine.window_s = DEMO_WINDOW_S
+    return settings
 
 
 def _summary_line(report: dict[str, Any] | None, elapsed: float) -> str:
@@ -174,13 +181,16 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> None:
     agent = Agent(settings)
     await agent.start()
     api = f"http://{settings.api.host}:{agent.api.port}"
+    otlp = ", ".join(
+        e.removeprefix("otlp-") for e in agent.telemetry.exporting if e.startswith("otlp")
+    )
     print(
         f"mlsidecar demo: agent ingest on {settings.ingest.host}:{agent.ingest.port}, "
         f"admin API on {api}\n"
         f"  model health:  {api}/v1/models/{MODEL}/health\n"
         f"  metrics:       {api}/metrics\n"
         f"  API docs:      {api}/docs\n"
-        f"  OTLP export:   {', '.join(agent.telemetry.exporting) or 'off (set OTEL_EXPORTER_OTLP_ENDPOINT)'}\n"
+        f"  OTLP export:   {otlp or 'off (set OTEL_EXPORTER_OTLP_ENDPOINT to send to a Collector)'}\n"
         f"  Ctrl-C stops{'' if args.duration is None else f'; runs for {args.duration:g}s'}",
         flush=True,
     )
@@ -247,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     demo.add_argument("--rate", type=float, default=500.0, help="predictions per second")
     demo.add_argument("--every", type=float, default=5.0, help="seconds between summaries")
-    demo.add_argument("--window", type=float, default=60.0, help="engine window, seconds")
+    demo.add_argument(
+        "--window",
+        type=float,
+        help=f"engine window, seconds (default: config, else {DEMO_WINDOW_S:g})",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     health = commands.add_parser("health", help="ask a running agent how it and a model are")
@@ -282,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `mlsidecar health m | head`: the reader left, not an error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stops the exit-time flush failing
+        return 0
     except OSError as error:  # e.g. address already in use
-        logging.getLogger("mlsidecar").error("cannot start: %s", error)
         print(f"mlsidecar: {error}", file=sys.stderr)
         return EXIT_UNHEALTHY
 

@@ -12,7 +12,9 @@ The standard ``OTEL_*`` variables win over the ``telemetry`` section (see
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -195,6 +197,32 @@ class LoggingSettings(Section):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+ENV_PREFIX = "MLSIDECAR_"
+# Read by the CLI, not part of the settings tree.
+ENV_NOT_SETTINGS = frozenset({"MLSIDECAR_CONFIG"})
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``MLSIDECAR_*`` variables that name no setting (pydantic-settings ignores them).
+
+    Nested unknown keys (``MLSIDECAR_INGEST__BOGUS``) fail validation already; a
+    misspelt top-level key would otherwise be silently ignored.
+    """
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in ENV_NOT_SETTINGS:
+            continue
+        parts = name[len(ENV_PREFIX) :].split("__")
+        if parts[0].lower() not in Settings.model_fields:
+            raise ValueError(f"environment variable {name}: unknown key {parts[0].lower()!r}")
+        if parts[0].lower() == "models" and len(parts) > 1 and parts[1] != parts[1].lower():
+            raise ValueError(
+                f"environment variable {name}: environment names are matched without case, "
+                f"so model {parts[1]!r} would become {parts[1].lower()!r}; "
+                f"set models.{parts[1]} in the YAML file instead"
+            )
+
+
 class Settings(BaseSettings):
     """The agent's whole configuration."""
 
@@ -242,6 +270,7 @@ class Settings(BaseSettings):
         """Build settings from an optional YAML file, the environment and overrides."""
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        check_environment(os.environ)
         token = _yaml_file.set(path)
         try:
             return cls(**overrides)
