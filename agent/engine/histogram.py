@@ -48,6 +48,20 @@ class FixedHistogram:
         self.max = -math.inf
         self.exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
 
+    @classmethod
+    def empty_like(cls, other: FixedHistogram) -> FixedHistogram:
+        """An empty histogram with ``other``'s bounds (shared, not copied: bounds never change)."""
+        h = cls.__new__(cls)
+        h.bounds = other.bounds
+        h.counts = np.zeros(other.counts.size, dtype=np.int64)
+        h.count = 0
+        h.nonfinite_count = 0
+        h.sum = 0.0
+        h.min = math.inf
+        h.max = -math.inf
+        h.exemplars = [None] * other.counts.size
+        return h
+
     def add(
         self,
         values: FloatArray,
@@ -57,57 +71,65 @@ class FixedHistogram:
         span_ids: Sequence[bytes] | None = None,
     ) -> None:
         """Count a column of values; rows with a trace id may become bucket exemplars."""
-        if values.size == 0:
+        size = values.size
+        if size == 0:
             return
         finite = np.isfinite(values)
         n_valid = int(np.count_nonzero(finite))
-        if n_valid != values.size:
-            self.nonfinite_count += values.size - n_valid
-            if trace_ids is not None:
-                keep = np.flatnonzero(finite)
-                trace_ids = [trace_ids[int(i)] for i in keep]
-                span_ids = None if span_ids is None else [span_ids[int(i)] for i in keep]
-            values = values[finite]
-        if n_valid == 0:
-            return
+        rows: np.ndarray | None = None  # the original row of each counted value, if some were not
+        if n_valid != size:
+            self.nonfinite_count += size - n_valid
+            if n_valid == 0:
+                return
+            rows = np.flatnonzero(finite)
+            values = values[rows]
         idx = np.searchsorted(self.bounds, values, side="left")
         self.counts += np.bincount(idx, minlength=self.counts.size)
         self.count += n_valid
         self.sum += float(values.sum())
-        self.min = min(self.min, float(values.min()))
-        self.max = max(self.max, float(values.max()))
+        low, high = float(values.min()), float(values.max())
+        if low < self.min:
+            self.min = low
+        if high > self.max:
+            self.max = high
         if trace_ids:
-            self._keep_exemplars(values, idx, time_unix_nano, trace_ids, span_ids)
+            self._keep_exemplars(values, idx, rows, time_unix_nano, trace_ids, span_ids)
 
     def _keep_exemplars(
         self,
         values: FloatArray,
         idx: np.ndarray,
+        rows: np.ndarray | None,
         time_unix_nano: int,
         trace_ids: Sequence[bytes],
         span_ids: Sequence[bytes] | None,
     ) -> None:
-        # The last row of each bucket that carries a trace id replaces that bucket's exemplar.
-        rev = idx[::-1]
-        buckets, first_in_rev = np.unique(rev, return_index=True)
-        last_rows = idx.size - 1 - first_in_rev
-        for bucket, row in zip(buckets.tolist(), last_rows.tolist(), strict=True):
+        # The last row of each bucket replaces that bucket's exemplar if it carries a trace id.
+        last = np.full(self.counts.size, -1, dtype=np.intp)
+        np.maximum.at(last, idx, np.arange(idx.size, dtype=np.intp))
+        buckets = np.flatnonzero(last >= 0)
+        positions = last[buckets]
+        originals = positions if rows is None else rows[positions]
+        for bucket, value, row in zip(
+            buckets.tolist(), values[positions].tolist(), originals.tolist(), strict=True
+        ):
             trace_id = trace_ids[row]
             if trace_id:
                 span_id = span_ids[row] if span_ids else b""
-                self.exemplars[bucket] = Exemplar(
-                    float(values[row]), time_unix_nano, trace_id, span_id
-                )
+                self.exemplars[bucket] = Exemplar(value, time_unix_nano, trace_id, span_id)
 
     def merge(self, other: FixedHistogram) -> None:
-        if not np.array_equal(self.bounds, other.bounds):
+        """Add ``other``'s counts; its exemplars replace this one's (it is the newer)."""
+        if other.bounds is not self.bounds and not np.array_equal(self.bounds, other.bounds):
             raise ValueError("cannot merge histograms with different bounds")
         self.counts += other.counts
         self.count += other.count
         self.nonfinite_count += other.nonfinite_count
         self.sum += other.sum
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
+        if other.min < self.min:
+            self.min = other.min
+        if other.max > self.max:
+            self.max = other.max
         for i, ex in enumerate(other.exemplars):
             if ex is not None:
                 self.exemplars[i] = ex
@@ -136,7 +158,12 @@ class FixedHistogram:
         if in_bucket == 0:
             return lower
         fraction = (target - below) / in_bucket
-        return lower + (upper - lower) * min(max(fraction, 0.0), 1.0)
+        if fraction >= 1.0:
+            return upper
+        if fraction <= 0.0:
+            return lower
+        # Rounding must not carry the estimate out of its bucket (quantiles stay monotonic).
+        return min(max(lower + (upper - lower) * fraction, lower), upper)
 
     def summary(self) -> dict[str, float | int | None]:
         return {

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-
-import numpy as np
 
 from agent.engine.columns import OutcomeColumns, PredictionColumns
 from agent.engine.histogram import FixedHistogram
@@ -51,9 +50,10 @@ class BoundedCounter:
         counts[key] = counts.get(key, 0.0) + amount
 
     def add_many(self, keys: Sequence[str], weight: float) -> None:
-        values, n = np.unique(np.asarray(keys, dtype=object), return_counts=True)
-        for key, count in zip(values.tolist(), n.tolist(), strict=True):
-            self.add(str(key), count * weight)
+        """Count every key; distinct keys are taken in sorted order (as ``np.unique`` gives them)."""
+        counted = Counter(keys)
+        for key in sorted(counted):
+            self.add(str(key), counted[key] * weight)
 
 
 @dataclass(slots=True)
@@ -71,7 +71,15 @@ class Tally:
     outcomes: int = 0
 
     @classmethod
-    def empty(cls, start: int, end: int, config: ModelConfig) -> Tally:
+    def empty(cls, start: int, end: int, config: ModelConfig, like: Tally | None = None) -> Tally:
+        """An empty tally; with ``like``, its histograms share that tally's bounds arrays."""
+        if like is not None:
+            return cls(
+                start,
+                end,
+                FixedHistogram.empty_like(like.latency),
+                FixedHistogram.empty_like(like.scores),
+            )
         return cls(
             start,
             end,
@@ -80,21 +88,22 @@ class Tally:
         )
 
     def observe(self, cols: PredictionColumns) -> None:
+        self.observe_batch(cols, *batch_histograms(cols, self.latency, self.scores))
+
+    def observe_batch(
+        self,
+        cols: PredictionColumns,
+        latency: FixedHistogram | None,
+        scores: FixedHistogram | None,
+    ) -> None:
+        """Count ``cols`` whose latency and score histograms were already filled (once per batch)."""
         self.rows += cols.rows
         self.predictions += cols.rows * cols.weight
         self.batches += 1
-        t = cols.received_unix_nano
-        if cols.latencies_ms is not None:
-            self.latency.add(
-                cols.latencies_ms,
-                time_unix_nano=t,
-                trace_ids=cols.trace_ids,
-                span_ids=cols.span_ids,
-            )
-        if cols.scores is not None:
-            self.scores.add(
-                cols.scores, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids
-            )
+        if latency is not None:
+            self.latency.merge(latency)
+        if scores is not None:
+            self.scores.merge(scores)
 
     def report(self, min_rows: int, *, live: bool) -> dict[str, object]:
         return {
@@ -109,6 +118,23 @@ class Tally:
             "latency_ms": self.latency.summary(),
             "score": self.scores.summary(),
         }
+
+
+def batch_histograms(
+    cols: PredictionColumns, latency_like: FixedHistogram, scores_like: FixedHistogram
+) -> tuple[FixedHistogram | None, FixedHistogram | None]:
+    """One batch's latency and score histograms, to merge into every tally that counts it."""
+    t = cols.received_unix_nano
+    latency = scores = None
+    if cols.latencies_ms is not None:
+        latency = FixedHistogram.empty_like(latency_like)
+        latency.add(
+            cols.latencies_ms, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids
+        )
+    if cols.scores is not None:
+        scores = FixedHistogram.empty_like(scores_like)
+        scores.add(cols.scores, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids)
+    return latency, scores
 
 
 def _iso(unix_nano: int) -> str:
@@ -142,7 +168,7 @@ class ModelState:
         self.last_seen_unix_nano = now_unix_nano
         self.totals = Tally.empty(now_unix_nano, now_unix_nano, config)
         start = now_unix_nano - now_unix_nano % config.window_ns
-        self.current = Tally.empty(start, start + config.window_ns, config)
+        self.current = Tally.empty(start, start + config.window_ns, config, like=self.totals)
         self.previous: Tally | None = None
         self.segments = BoundedCounter(config.max_segments)
         self.labels = BoundedCounter(config.max_classes)
@@ -157,15 +183,17 @@ class ModelState:
         if self.current.end_unix_nano == start:
             self.previous = self.current
         else:  # whole windows passed without traffic: the last closed one was empty
-            self.previous = Tally.empty(start - w, start, self.config)
-        self.current = Tally.empty(start, start + w, self.config)
+            self.previous = Tally.empty(start - w, start, self.config, like=self.totals)
+        self.current = Tally.empty(start, start + w, self.config, like=self.totals)
 
     def observe_predictions(self, cols: PredictionColumns) -> None:
         now = cols.received_unix_nano
         self._roll(now)
         self.last_seen_unix_nano = now
-        self.totals.observe(cols)
-        self.current.observe(cols)
+        totals = self.totals
+        latency, scores = batch_histograms(cols, totals.latency, totals.scores)
+        totals.observe_batch(cols, latency, scores)
+        self.current.observe_batch(cols, latency, scores)
         self.segments.add(_segment_key(cols.attributes), cols.rows * cols.weight)
         if cols.labels is not None:
             self.labels.add_many(cols.labels, cols.weight)

@@ -77,26 +77,30 @@ def _check_model(model: str, version: str) -> None:
         )
 
 
-def _check_ids(ids: Sequence[str], limits: Limits) -> int:
+def _check_ids(
+    ids: Sequence[str], limits: Limits, *, rows: str = "ids", row: str = "ids[{}]"
+) -> int:
+    """``rows`` names the repeated field and ``row`` one element (the row form: events[i].id)."""
     n = len(ids)
     if n == 0:
-        raise Rejected("empty_batch", "ids: the batch has no rows (ids is empty)")
+        raise Rejected("empty_batch", f"{rows}: the batch has no rows ({rows} is empty)")
     if n > limits.max_rows:
         raise Rejected(
             "too_many_rows",
-            f"ids: {n} rows exceed ingest.max_rows_per_batch={limits.max_rows}; split the batch",
+            f"{rows}: {n} rows exceed ingest.max_rows_per_batch={limits.max_rows}; split the batch",
         )
     unique = set(ids)
     if len(unique) != n or "" in unique:
         seen: dict[str, int] = {}
-        for row, id_ in enumerate(ids):
+        for i, id_ in enumerate(ids):
             if not id_:
-                raise Rejected("empty_id", f"ids[{row}]: empty id")
+                raise Rejected("empty_id", f"{row.format(i)}: empty id")
             if id_ in seen:
                 raise Rejected(
-                    "duplicate_id", f"ids[{row}]: duplicate id {id_!r} (first at ids[{seen[id_]}])"
+                    "duplicate_id",
+                    f"{row.format(i)}: duplicate id {id_!r} (first at {row.format(seen[id_])})",
                 )
-            seen[id_] = row
+            seen[id_] = i
     return n
 
 
@@ -107,13 +111,19 @@ def _check_length(field: str, actual: int, n: int) -> None:
         )
 
 
-def _check_trace_ids(field: str, values: Sequence[bytes], size: int) -> None:
-    for row, value in enumerate(values):
-        if len(value) not in (0, size):
-            raise Rejected(
-                "invalid_trace_context",
-                f"{field}[{row}]: {len(value)} bytes, expected {size} (or empty)",
-            )
+def _trace_context(field: str, values: Sequence[bytes], size: int) -> Sequence[bytes] | None:
+    """The ids copied out of the message once (a list), each ``size`` bytes or empty."""
+    if not len(values):
+        return None
+    items = values[:]  # a list: later reads (exemplars) do not convert each value again
+    if not set(map(len, items)) <= {0, size}:
+        for row, value in enumerate(items):
+            if len(value) not in (0, size):
+                raise Rejected(
+                    "invalid_trace_context",
+                    f"{field}[{row}]: {len(value)} bytes, expected {size} (or empty)",
+                )
+    return items
 
 
 def _check_attributes(attributes: Any) -> dict[str, str]:
@@ -141,8 +151,20 @@ def _weight(sample_rate: float) -> float:
     return 1.0 / sample_rate
 
 
+# Below this many values np.fromiter is quicker than np.array on a repeated field (fixed cost).
+_SHORT_COLUMN = 32
+
+
+def _floats(values: Sequence[float]) -> np.ndarray:
+    """A float64 copy of a packed double field."""
+    n = len(values)
+    if n <= _SHORT_COLUMN:
+        return np.fromiter(values, dtype=np.float64, count=n)
+    return np.array(values, dtype=np.float64)
+
+
 def _optional_floats(values: Sequence[float]) -> np.ndarray | None:
-    return np.array(values, dtype=np.float64) if len(values) else None
+    return _floats(values) if len(values) else None
 
 
 def decode_predictions(
@@ -183,7 +205,7 @@ def decode_predictions(
                 f"features[{i}] {name!r}: {len(values)} values, expected {n} (len(ids))",
             )
         if kind == "numbers":
-            numbers[name] = np.array(values, dtype=np.float64)
+            numbers[name] = _floats(values)
         else:
             categories[name] = values
     _check_length("timestamps_unix_nano", len(batch.timestamps_unix_nano), n)
@@ -192,8 +214,8 @@ def decode_predictions(
     _check_length("latencies_ms", len(batch.latencies_ms), n)
     _check_length("trace_ids", len(batch.trace_ids), n)
     _check_length("span_ids", len(batch.span_ids), n)
-    _check_trace_ids("trace_ids", batch.trace_ids, 16)
-    _check_trace_ids("span_ids", batch.span_ids, 8)
+    trace_ids = _trace_context("trace_ids", batch.trace_ids, 16)
+    span_ids = _trace_context("span_ids", batch.span_ids, 8)
     probabilities = _probabilities(batch.probabilities, batch.class_names, n)
     return PredictionColumns(
         model=batch.model,
@@ -212,8 +234,8 @@ def decode_predictions(
         probabilities=probabilities,
         class_names=tuple(batch.class_names),
         latencies_ms=_optional_floats(batch.latencies_ms),
-        trace_ids=batch.trace_ids if len(batch.trace_ids) else None,
-        span_ids=batch.span_ids if len(batch.span_ids) else None,
+        trace_ids=trace_ids,
+        span_ids=span_ids,
         attributes=_check_attributes(batch.attributes),
         weight=_weight(batch.sample_rate),
     )
@@ -265,53 +287,18 @@ def _decode_prediction_rows(
         )
     events = batch.events
     ids = [e.id for e in events]
-    n = _check_ids(ids, limits)
+    n = _check_ids(ids, limits, rows="events", row="events[{}].id")
     k = len(batch.class_names)
-    numbers: dict[str, np.ndarray] = {}
+    uniform = _uniform_numbers(events, limits.max_features)
+    numbers: dict[str, np.ndarray] = {} if uniform is None else uniform
     categories: dict[str, list[str]] = {}
-    has_score = any(e.HasField("score") for e in events)
-    has_latency = any(e.HasField("latency_ms") for e in events)
-    scores = np.full(n, np.nan) if has_score else None
-    latencies = np.full(n, np.nan) if has_latency else None
+    scores = _optional_event_floats(events, "score")
+    latencies = _optional_event_floats(events, "latency_ms")
     labels = [e.label for e in events]
     probabilities = np.full((n, k), np.nan) if k else None
     for row, event in enumerate(events):
-        for name, value in event.numbers.items():
-            if name in categories:
-                raise Rejected(
-                    "invalid_feature",
-                    f"events[{row}].numbers[{name!r}]: feature is categorical in other rows",
-                )
-            column = numbers.get(name)
-            if column is None:
-                if len(numbers) + len(categories) >= limits.max_features:
-                    raise Rejected(
-                        "too_many_features",
-                        f"events[{row}]: more than ingest.max_features={limits.max_features} "
-                        "distinct features",
-                    )
-                column = numbers[name] = np.full(n, np.nan)
-            column[row] = value
-        for name, text in event.categories.items():
-            if name in numbers:
-                raise Rejected(
-                    "invalid_feature",
-                    f"events[{row}].categories[{name!r}]: feature is numeric in other rows",
-                )
-            cats = categories.get(name)
-            if cats is None:
-                if len(numbers) + len(categories) >= limits.max_features:
-                    raise Rejected(
-                        "too_many_features",
-                        f"events[{row}]: more than ingest.max_features={limits.max_features} "
-                        "distinct features",
-                    )
-                cats = categories[name] = [""] * n
-            cats[row] = text
-        if scores is not None and event.HasField("score"):
-            scores[row] = event.score
-        if latencies is not None and event.HasField("latency_ms"):
-            latencies[row] = event.latency_ms
+        if uniform is None:  # else the features were read (and are valid) already
+            _add_event_features(row, event, numbers, categories, n, limits)
         if event.probabilities:
             if probabilities is None or len(event.probabilities) != k:
                 raise Rejected(
@@ -346,6 +333,75 @@ def _decode_prediction_rows(
         span_ids=[e.span_id for e in events] if any(trace_ids) else None,
         attributes=_check_attributes(batch.attributes),
         weight=_weight(batch.sample_rate),
+    )
+
+
+def _uniform_numbers(events: Sequence[Any], max_features: int) -> dict[str, np.ndarray] | None:
+    """The row form's numeric columns in one pass per feature, when every event has the same
+    numeric features (in the same order) and none has categorical ones: the common case.
+
+    None otherwise: ``_add_event_features`` then reads (and validates) event by event.
+    """
+    maps = [e.numbers for e in events]
+    names = list(maps[0])
+    if len(names) > max_features or any(e.categories for e in events):
+        return None
+    if any(list(m) != names for m in maps):
+        return None
+    return {name: np.array([m[name] for m in maps], dtype=np.float64) for name in names}
+
+
+def _add_event_features(
+    row: int,
+    event: Any,
+    numbers: dict[str, np.ndarray],
+    categories: dict[str, list[str]],
+    n: int,
+    limits: Limits,
+) -> None:
+    """Put one event's features into the columns, which grow a feature at a time."""
+    for name, value in event.numbers.items():
+        if name in categories:
+            raise Rejected(
+                "invalid_feature",
+                f"events[{row}].numbers[{name!r}]: feature is categorical in other rows",
+            )
+        column = numbers.get(name)
+        if column is None:
+            if len(numbers) + len(categories) >= limits.max_features:
+                raise Rejected(
+                    "too_many_features",
+                    f"events[{row}]: more than ingest.max_features={limits.max_features} "
+                    "distinct features",
+                )
+            column = numbers[name] = np.full(n, np.nan)
+        column[row] = value
+    for name, text in event.categories.items():
+        if name in numbers:
+            raise Rejected(
+                "invalid_feature",
+                f"events[{row}].categories[{name!r}]: feature is numeric in other rows",
+            )
+        cats = categories.get(name)
+        if cats is None:
+            if len(numbers) + len(categories) >= limits.max_features:
+                raise Rejected(
+                    "too_many_features",
+                    f"events[{row}]: more than ingest.max_features={limits.max_features} "
+                    "distinct features",
+                )
+            cats = categories[name] = [""] * n
+        cats[row] = text
+
+
+def _optional_event_floats(events: Sequence[Any], field: str) -> np.ndarray | None:
+    """An optional double of every event as a column (NaN where unset), or None if never set."""
+    present = [e.HasField(field) for e in events]
+    if not any(present):
+        return None
+    return np.array(
+        [getattr(e, field) if p else np.nan for e, p in zip(events, present, strict=True)],
+        dtype=np.float64,
     )
 
 
