@@ -12,6 +12,7 @@ The standard ``OTEL_*`` variables win over the ``telemetry`` section (see
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -174,6 +175,8 @@ class EngineSettings(Section):
     def _sorted(cls, value: list[float]) -> list[float]:
         if not value:
             raise ValueError("needs at least one bucket bound")
+        if not all(math.isfinite(b) for b in value):
+            raise ValueError(f"bucket bounds must be finite numbers: {value}")
         if any(b >= a for a, b in zip(value[1:], value, strict=False)):
             raise ValueError(f"bucket bounds not in strictly increasing order: {value}")
         return value

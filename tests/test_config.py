@@ -165,9 +165,15 @@ def test_unparsable_yaml_is_a_config_error(write_yaml):
 
 @pytest.mark.parametrize(
     ("section", "bounds"),
-    [("latency_buckets_ms", [1, 5, 5, 10]), ("score_buckets", [0.5, 0.2]), ("score_buckets", [])],
+    [
+        ("latency_buckets_ms", [1, 5, 5, 10]),
+        ("score_buckets", [0.5, 0.2]),
+        ("score_buckets", []),
+        ("score_buckets", [0.1, "nan", 0.9]),
+        ("latency_buckets_ms", [1, "inf"]),
+    ],
 )
-def test_bucket_bounds_must_be_strictly_increasing_and_non_empty(section, bounds):
+def test_bucket_bounds_must_be_finite_strictly_increasing_and_non_empty(section, bounds):
     with pytest.raises(ValidationError) as raised:
         Settings.load(None, engine={section: bounds})
     assert f"engine.{section}" in errors_of(raised)

@@ -101,10 +101,12 @@ def test_a_window_tumbles_and_the_closed_one_is_reported_as_previous():
     previous, window = report["previous"], report["window"]
     assert (previous["start_unix_nano"], previous["end_unix_nano"]) == (T0, T0 + WINDOW)
     assert previous["count"] == 5
-    assert previous["complete"] is True  # closed windows are complete whatever their size
+    assert previous["closed"] is True
+    assert previous["complete"] is True  # 5 rows >= min_window_rows
     assert previous["latency_ms"]["count"] == 5
     assert window["start_unix_nano"] == T0 + WINDOW
     assert window["count"] == 7
+    assert window["closed"] is False
     assert window["complete"] is True  # live, and >= min_window_rows
     assert report["totals"]["rows"] == 12
     assert report["totals"]["batches"] == 3
@@ -405,3 +407,13 @@ def test_report_shape_and_times():
     assert report["window"]["start"].endswith(":00Z")
     assert report["health"]["score"] is None
     json.dumps(report, allow_nan=False)
+
+
+def test_a_closed_window_with_too_few_rows_is_not_complete():
+    clock = Clock(T0 + 5 * S)
+    engine = make_engine(clock, min_window_rows=4)
+    engine.observe_predictions(preds(2, T0 + 5 * S))
+    clock.now = T0 + WINDOW + 1 * S
+    engine.observe_predictions(preds(1, T0 + WINDOW + 1 * S))
+    previous = engine.report("m")["previous"]
+    assert (previous["closed"], previous["count"], previous["complete"]) == (True, 2, False)

@@ -225,6 +225,12 @@ def test_bounds_must_increase_strictly(bounds):
         FixedHistogram(bounds)
 
 
+@pytest.mark.parametrize("bounds", [[0.1, float("nan"), 0.9], [float("inf")], [-float("inf"), 1.0]])
+def test_bounds_must_be_finite(bounds):
+    with pytest.raises(ValueError, match="finite"):
+        FixedHistogram(bounds)
+
+
 # --- quantiles ------------------------------------------------------------------------------
 
 

@@ -285,6 +285,29 @@ def test_one_server_span_per_batch_with_rows_and_links_to_the_model_requests(age
     assert span.context.trace_id not in {t for t, _ in links}, "links, not a parent"
 
 
+def test_row_form_batches_link_to_the_model_requests_too(agent):
+    trace_id, span_id = bytes(range(1, 17)), bytes(range(1, 9))
+    event = pb.PredictionEvent(id="r1", score=0.5, trace_id=trace_id, span_id=span_id)
+    agent.stub().SubmitPredictions(pb.PredictionBatch(model=MODEL, events=[event]))
+
+    (span,) = submit_spans(agent)
+    links = [(link.context.trace_id, link.context.span_id) for link in span.links]
+    assert links == [(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"))]
+
+
+def test_http_ingest_span_is_internal_under_the_http_server_span(agent):
+    body = {"model": MODEL, "ids": ["h1"], "scores": [0.4]}
+    assert httpx.post(agent.api_url + "/v1/predictions", json=body).status_code == 200
+
+    spans = agent.spans.get_finished_spans()
+    (ingest,) = [s for s in spans if s.name == "mlsidecar.ingest predictions"]
+    assert ingest.kind == SpanKind.INTERNAL
+    assert "rpc.system" not in ingest.attributes
+    assert ingest.attributes["mlsidecar.ingest.path"] == "/v1/predictions"
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert ingest.parent is not None and ingest.parent.span_id == server.context.span_id
+
+
 def test_rejected_batch_span_has_error_status_and_counts_as_rejected(agent):
     stub = agent.stub()
     with pytest.raises(grpc.RpcError) as raised:

@@ -37,6 +37,8 @@ class FixedHistogram:
     __slots__ = ("bounds", "count", "counts", "exemplars", "max", "min", "nonfinite_count", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
+        if not all(math.isfinite(b) for b in bounds):
+            raise ValueError(f"bucket bounds must be finite numbers: {list(bounds)}")
         if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
             raise ValueError(f"bucket bounds not in strictly increasing order: {list(bounds)}")
         self.bounds = np.asarray(bounds, dtype=np.float64)

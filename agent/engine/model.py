@@ -23,7 +23,21 @@ class ModelConfig:
 
     window_ns: int = 300 * 10**9
     min_window_rows: int = 100
-    latency_bounds_ms: Sequence[float] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+    latency_bounds_ms: Sequence[float] = (
+        1,
+        2,
+        5,
+        10,
+        25,
+        50,
+        100,
+        250,
+        500,
+        1000,
+        2500,
+        5000,
+        10000,
+    )
     score_bounds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     max_segments: int = 20
     max_classes: int = 50
@@ -112,7 +126,9 @@ class Tally:
             "start_unix_nano": self.start_unix_nano,
             "end_unix_nano": self.end_unix_nano,
             "count": self.rows,
-            "complete": (not live) or self.rows >= min_rows,
+            "closed": not live,
+            # Enough rows to evaluate (drift, quality) whether the window is live or closed.
+            "complete": self.rows >= min_rows,
             "estimated_predictions": self.predictions,
             "outcomes": self.outcomes,
             "latency_ms": self.latency.summary(),

@@ -12,6 +12,7 @@ and a malformed message is a clear INVALID_ARGUMENT rather than a transport erro
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -174,7 +175,7 @@ class _BearerToken(grpc.aio.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on every RPC but the health service."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -190,7 +191,8 @@ class _BearerToken(grpc.aio.ServerInterceptor):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        supplied = metadata.get("authorization", "")
+        if isinstance(supplied, str) and hmac.compare_digest(supplied.encode(), self._expected):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/StreamEvents") else self._deny
 

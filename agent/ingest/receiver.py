@@ -18,7 +18,7 @@ from opentelemetry.metrics import Meter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
-from agent.engine import Engine, ModelLimitError
+from agent.engine import Engine, ModelLimitError, PredictionColumns
 from agent.ingest.decode import (
     Limits,
     RejectCode,
@@ -29,6 +29,8 @@ from agent.ingest.decode import (
 )
 
 MAX_SPAN_LINKS = 8
+# kind, model, model version, batch_id
+DedupKey = tuple[str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,25 +42,26 @@ class Ack:
 class BatchDeduplicator:
     """Remembers recently accepted batch ids for ``window_ns``, at most ``max_batches`` of them.
 
-    A re-sent batch (same kind, model and batch_id) is acknowledged again but not counted twice.
+    A re-sent batch (same kind, model, version and batch_id) is acknowledged again but not
+    counted twice. The id is an idempotency key: it is checked before the batch is decoded.
     """
 
     def __init__(self, window_ns: int, max_batches: int, clock: Callable[[], int]) -> None:
         self._window_ns = window_ns
         self._max = max_batches
         self._clock = clock
-        self._seen: OrderedDict[tuple[str, str, str], tuple[int, int]] = OrderedDict()
+        self._seen: OrderedDict[DedupKey, tuple[int, int]] = OrderedDict()
 
-    def seen(self, key: tuple[str, str, str]) -> int | None:
+    def seen(self, key: DedupKey) -> int | None:
         """Rows acknowledged for ``key`` if it was accepted within the window."""
-        if not key[2] or self._max == 0:
+        if not key[-1] or self._max == 0:
             return None
         self._expire()
         hit = self._seen.get(key)
         return None if hit is None else hit[1]
 
-    def remember(self, key: tuple[str, str, str], rows: int) -> None:
-        if not key[2] or self._max == 0:
+    def remember(self, key: DedupKey, rows: int) -> None:
+        if not key[-1] or self._max == 0:
             return
         self._seen[key] = (self._clock(), rows)
         self._seen.move_to_end(key)
@@ -153,21 +156,28 @@ class EventReceiver:
 
     def _accept(self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch, method: str) -> Ack:
         started = time.perf_counter()
-        with self._tracer.start_as_current_span(
-            f"mlsidecar.v1.Ingest/{method}",
-            kind=SpanKind.SERVER,
-            attributes={
+        if method.startswith("http:"):
+            # FastAPI's instrumentation already made the HTTP SERVER span; this one is inside it.
+            name, span_kind = f"mlsidecar.ingest {kind}s", SpanKind.INTERNAL
+            attributes = {"mlsidecar.ingest.path": method.removeprefix("http:")}
+        else:
+            name, span_kind = f"mlsidecar.v1.Ingest/{method}", SpanKind.SERVER
+            attributes = {
                 "rpc.system": "grpc",
                 "rpc.service": "mlsidecar.v1.Ingest",
                 "rpc.method": method,
-                "ml.model.name": batch.model,
-                "ml.model.version": batch.model_version,
-            },
+            }
+        attributes["ml.model.name"] = batch.model
+        attributes["ml.model.version"] = batch.model_version
+        with self._tracer.start_as_current_span(
+            name,
+            kind=span_kind,
+            attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
             try:
-                ack = self._process(kind, batch)
+                ack, cols = self._process(kind, batch)
             except Rejected as error:
                 span.set_status(Status(StatusCode.ERROR, error.message))
                 span.set_attribute("error.type", error.reason)
@@ -176,8 +186,8 @@ class EventReceiver:
             span.set_attribute("mlsidecar.batch.rows", ack.accepted)
             if ack.duplicate:
                 span.set_attribute("mlsidecar.batch.duplicate", True)
-            if isinstance(batch, pb.PredictionBatch) and batch.trace_ids and not ack.duplicate:
-                _link_model_requests(span, batch.trace_ids, batch.span_ids)
+            if cols is not None and cols.trace_ids and cols.span_ids:
+                _link_model_requests(span, cols.trace_ids, cols.span_ids)
         result = "duplicate" if ack.duplicate else "accepted"
         self._batches.add(1, {"rpc.method": method, "mlsidecar.result": result})
         if not ack.duplicate:
@@ -185,12 +195,16 @@ class EventReceiver:
         self._duration.record(time.perf_counter() - started, {"rpc.method": method})
         return ack
 
-    def _process(self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch) -> Ack:
-        key = (kind, batch.model, batch.batch_id)
+    def _process(
+        self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch
+    ) -> tuple[Ack, PredictionColumns | None]:
+        """The ack, and the decoded predictions (None for outcomes and duplicates)."""
+        key = (kind, batch.model, batch.model_version, batch.batch_id)
         rows = self._dedup.seen(key)
         if rows is not None:
-            return Ack(rows, duplicate=True)
+            return Ack(rows, duplicate=True), None
         now = self._clock()
+        cols = None
         try:
             if isinstance(batch, pb.PredictionBatch):
                 cols = decode_predictions(batch, self._limits, received_unix_nano=now)
@@ -203,7 +217,7 @@ class EventReceiver:
         except ModelLimitError as error:
             raise Rejected("too_many_models", str(error)) from None
         self._dedup.remember(key, rows)
-        return Ack(rows)
+        return Ack(rows), cols
 
 
 def _link_model_requests(
