@@ -131,6 +131,8 @@ class Agent:
             await self.api.start()
         except BaseException:
             await self.ingest.stop(0)
+            # Nothing was accepted, so nothing needs flushing: do not wait on a Collector.
+            self.telemetry.abort()
             self.telemetry.shutdown()
             raise
         if self.telemetry.log_handler is not None:

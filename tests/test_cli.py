@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,18 @@ def test_run_exits_1_naming_the_listener_whose_port_is_taken(
     stderr = "\n".join(process.stderr_lines)
     assert f"{listener}.listen: cannot bind {taken}" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_failed_start_exits_promptly_even_when_the_collector_is_down(
+    agent, agent_process, config_file
+):
+    collector_down = config_file(
+        {"telemetry": {"otlp": True, "endpoint": f"http://127.0.0.1:{free_port()}"}}
+    )
+    started = time.monotonic()
+    process = agent_process("--config", str(collector_down), "--ingest-listen", agent.ingest_target)
+    assert process.proc.wait(60) == 1
+    process.kill()
+    # Nothing was accepted, so there is nothing to flush: no waiting on exporter retries.
+    assert time.monotonic() - started < 8

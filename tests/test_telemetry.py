@@ -538,3 +538,26 @@ def test_secrets_never_appear_in_logs(caplog):
     assert "mlsidecar started" in output  # the capture did see the agent's logs
     for name, secret in SECRETS.items():
         assert secret not in output, f"{name} leaked into the logs"
+
+
+def test_exporter_warnings_are_not_exported_through_the_otlp_log_pipeline():
+    """The Collector being down makes the exporters warn; exporting those warnings would feed itself."""
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+
+    exported = InMemoryLogRecordExporter()
+    engine = Engine(lambda _: ModelConfig(), max_models=1, clock=time.time_ns)
+    telemetry = Telemetry(
+        TelemetrySettings(otlp=False), engine, clock=time.time_ns, log_exporter=exported
+    )
+    assert telemetry.log_handler is not None
+    root = logging.getLogger()
+    root.addHandler(telemetry.log_handler)
+    try:
+        logging.getLogger("opentelemetry.exporter.otlp").warning("Transient error, retrying")
+        logging.getLogger("agent.ingest").warning("a record worth exporting")
+        telemetry.logger_provider.force_flush()
+    finally:
+        root.removeHandler(telemetry.log_handler)
+        telemetry.shutdown()
+    bodies = [entry.log_record.body for entry in exported.get_finished_logs()]
+    assert bodies == ["a record worth exporting"]

@@ -216,6 +216,9 @@ class Telemetry:
             self._exporters.append(log_exporter)
             self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
             self.log_handler = LoggingHandler(logger_provider=self.logger_provider)
+            # The exporters' own warnings (say, the Collector is down) must not be exported
+            # through the exporter that is failing: that feeds itself.
+            self.log_handler.addFilter(lambda record: not record.name.startswith("opentelemetry"))
             self.exporting.append("otlp-logs")
 
     @property
