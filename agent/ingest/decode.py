@@ -351,6 +351,14 @@ def _uniform_numbers(events: Sequence[Any], max_features: int) -> dict[str, np.n
     return {name: np.array([m[name] for m in maps], dtype=np.float64) for name in names}
 
 
+def _check_feature_room(row: int, features: int, limits: Limits) -> None:
+    if features >= limits.max_features:
+        raise Rejected(
+            "too_many_features",
+            f"events[{row}]: more than ingest.max_features={limits.max_features} distinct features",
+        )
+
+
 def _add_event_features(
     row: int,
     event: Any,
@@ -368,12 +376,7 @@ def _add_event_features(
             )
         column = numbers.get(name)
         if column is None:
-            if len(numbers) + len(categories) >= limits.max_features:
-                raise Rejected(
-                    "too_many_features",
-                    f"events[{row}]: more than ingest.max_features={limits.max_features} "
-                    "distinct features",
-                )
+            _check_feature_room(row, len(numbers) + len(categories), limits)
             column = numbers[name] = np.full(n, np.nan)
         column[row] = value
     for name, text in event.categories.items():
@@ -384,12 +387,7 @@ def _add_event_features(
             )
         cats = categories.get(name)
         if cats is None:
-            if len(numbers) + len(categories) >= limits.max_features:
-                raise Rejected(
-                    "too_many_features",
-                    f"events[{row}]: more than ingest.max_features={limits.max_features} "
-                    "distinct features",
-                )
+            _check_feature_room(row, len(numbers) + len(categories), limits)
             cats = categories[name] = [""] * n
         cats[row] = text
 

@@ -75,27 +75,30 @@ class IngestServicer:
         self._receiver.reject(method, error)
         raise error
 
-    async def submit_predictions(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        method = "SubmitPredictions"
+    async def _submit(
+        self,
+        raw: bytes,
+        context: grpc.aio.ServicerContext,
+        message_type: type[Message],
+        accept: Callable[..., Ack],
+        method: str,
+    ) -> Any:
         try:
             self._receiver.admit(len(raw), method)
-            ack = self._receiver.accept_predictions(
-                self._parse_counted(pb.PredictionBatch, raw, method), method=method
-            )
+            ack = accept(self._parse_counted(message_type, raw, method), method=method)
         except Rejected as error:
             await context.abort(STATUS[error.code], error.message)
         return pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
 
+    async def submit_predictions(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await self._submit(
+            raw, context, pb.PredictionBatch, self._receiver.accept_predictions, "SubmitPredictions"
+        )
+
     async def submit_outcomes(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        method = "SubmitOutcomes"
-        try:
-            self._receiver.admit(len(raw), method)
-            ack = self._receiver.accept_outcomes(
-                self._parse_counted(pb.OutcomeBatch, raw, method), method=method
-            )
-        except Rejected as error:
-            await context.abort(STATUS[error.code], error.message)
-        return pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
+        return await self._submit(
+            raw, context, pb.OutcomeBatch, self._receiver.accept_outcomes, "SubmitOutcomes"
+        )
 
     async def stream_events(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
