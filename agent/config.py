@@ -117,6 +117,7 @@ class IngestSettings(Listener):
     max_rows_per_batch: int = Field(10_000, ge=1)
     max_features: int = Field(1_000, ge=1)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Model versions tracked at once; a batch for one more is rejected (INVALID_ARGUMENT).
     max_models: int = Field(100, ge=1)
     # Batches being processed at once before RESOURCE_EXHAUSTED (transient backpressure).
     max_in_flight: int = Field(256, ge=1)
@@ -167,7 +168,7 @@ class EngineSettings(Section):
     score_buckets: list[float] = Field(
         default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)]
     )
-    # Distinct values of each segment attribute kept before folding into "other".
+    # Distinct segments (combinations of batch attributes) per model version before "other".
     max_segments: int = Field(20, ge=1)
 
     @field_validator("latency_buckets_ms", "score_buckets")
