@@ -12,10 +12,13 @@ graceful stop bounded by ``shutdown_timeout_s``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -26,13 +29,19 @@ from prometheus_client import CollectorRegistry
 from agent import __version__
 from agent.api.app import AdminApi, build_app
 from agent.config import Settings
-from agent.engine import Engine, ModelConfig
+from agent.engine import Engine, ModelConfig, MonitorConfig, ReferenceProfile
 from agent.ingest.decode import Limits
 from agent.ingest.grpc_server import IngestServer
 from agent.ingest.receiver import EventReceiver
+from agent.store.references import ReferenceStore
 from agent.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("saving a reference failed", exc_info=future.exception())
 
 
 def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
@@ -48,9 +57,73 @@ def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
             latency_bounds_ms=tuple(engine.latency_buckets_ms),
             score_bounds=tuple(override.score_buckets or engine.score_buckets),
             max_segments=engine.max_segments,
+            monitor=MonitorConfig(
+                psi_bins=engine.psi_bins,
+                cdf_bins=engine.cdf_bins,
+                top_k=engine.top_k,
+                # A reference file replaces the warm-up window.
+                warmup_rows=0 if override.reference else engine.warmup_rows,
+                drift_methods=dict(override.drift_methods),
+                drift_thresholds={str(k): v for k, v in engine.drift_thresholds.items()},
+                drift_share=engine.drift_share,
+                positive_class=override.positive_class,
+                max_segments=engine.max_segments,
+            ),
         )
 
     return config_for
+
+
+def load_reference_file(path: Path, model: str, field: str) -> ReferenceProfile:
+    """A reference file from config, checked at start so a bad one fails before serving."""
+    try:
+        document = json.loads(path.read_bytes())
+        profile = ReferenceProfile.from_dict(document)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{field}: cannot use reference file {str(path)!r}: {error}") from None
+    if profile.model != model:
+        raise ValueError(f"{field}: {str(path)!r} is a reference for model {profile.model!r}")
+    return dataclasses.replace(profile, source="file")
+
+
+class References:
+    """Where a model version's reference comes from: config file, else the last one stored."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = ReferenceStore(
+            settings.store.data_dir / "references", history=settings.engine.reference_history
+        )
+        self._files = {
+            name: load_reference_file(model.reference, name, f"models.{name}.reference")
+            for name, model in settings.models.items()
+            if model.reference is not None
+        }
+
+    def lookup(self, model: str, version: str) -> ReferenceProfile | None:
+        from_file = self._files.get(model)
+        if from_file is not None:
+            return dataclasses.replace(from_file, version=version)
+        stored = self.store.latest(model, version)
+        if stored is None:
+            return None
+        try:
+            return ReferenceProfile.from_dict(stored)
+        except ValueError as error:
+            log.error("ignoring stored reference", extra={"model": model, "error": str(error)})
+            return None
+
+    def save(self, profile: ReferenceProfile) -> None:
+        self.store.save(profile.model, profile.version, profile.to_dict())
+        log.info(
+            "reference saved",
+            extra={
+                "model": profile.model,
+                "version": profile.version,
+                "id": profile.id,
+                "source": profile.source,
+                "rows": profile.rows,
+            },
+        )
 
 
 class Agent:
@@ -66,8 +139,13 @@ class Agent:
         **exporters: Any,
     ) -> None:
         self.settings = settings
+        self.references = References(settings)
         self.engine = Engine(
-            model_config_resolver(settings), max_models=settings.ingest.max_models, clock=clock
+            model_config_resolver(settings),
+            max_models=settings.ingest.max_models,
+            clock=clock,
+            reference_for=self.references.lookup,
+            on_reference=self._persist_reference,
         )
         self.prometheus_registry = (
             CollectorRegistry(auto_describe=False) if settings.api.prometheus else None
@@ -114,6 +192,16 @@ class Agent:
             meter_provider=self.telemetry.meter_provider,
         )
         self._started = False
+
+    def _persist_reference(self, profile: ReferenceProfile) -> None:
+        """A warm-up reference is complete: write it off the event loop when one runs."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.references.save(profile)
+            return
+        task = loop.run_in_executor(None, self.references.save, profile)
+        task.add_done_callback(_log_failure)
 
     def _observe_models(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(len(self.engine.models()))

@@ -74,12 +74,20 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.app import Agent  # the server stack is imported only by commands that need it
-
     settings = load_settings(args.config, **_cli_overrides(args))
     configure_logging(settings.logging)
-    asyncio.run(Agent(settings).run_until_signalled())
+    asyncio.run(build_agent(settings).run_until_signalled())
     return 0
+
+
+def build_agent(settings: Settings) -> Any:
+    """The Agent, with problems found while building it (e.g. a bad reference file) as ConfigError."""
+    from agent.app import Agent
+
+    try:
+        return Agent(settings)
+    except ValueError as error:
+        raise ConfigError(f"invalid configuration: {error}") from None
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -175,10 +183,9 @@ def _summary_line(report: dict[str, Any] | None, elapsed: float) -> str:
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> None:
-    from agent.app import Agent
     from agent.demo import MODEL, SyntheticTraffic
 
-    agent = Agent(settings)
+    agent = build_agent(settings)
     await agent.start()
     api = f"http://{settings.api.host}:{agent.api.port}"
     otlp = ", ".join(

@@ -28,6 +28,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+DriftMethodName = Literal["psi", "ks", "wasserstein", "jensenshannon", "chisquare"]
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 _yaml_file: ContextVar[Path | None] = ContextVar("mlsidecar_yaml_file", default=None)
@@ -170,6 +171,18 @@ class EngineSettings(Section):
     )
     # Distinct segments (combinations of batch attributes) per model version before "other".
     max_segments: int = Field(20, ge=1)
+    # Without a reference file or upload, the first N predictions become the reference; 0: off.
+    warmup_rows: int = Field(1000, ge=0)
+    # Reference bins: quantile bins for PSI, finer ones for KS / Wasserstein, top-K categories.
+    psi_bins: int = Field(10, ge=2, le=1000)
+    cdf_bins: int = Field(100, ge=2, le=10_000)
+    top_k: int = Field(50, ge=1, le=10_000)
+    # Dataset drift: this share of features drifted (each by its own method).
+    drift_share: float = Field(0.5, gt=0, le=1)
+    # Per-method decision thresholds (docs/drift.md has the defaults).
+    drift_thresholds: dict[DriftMethodName, float] = Field(default_factory=dict)
+    # Superseded references kept per model version.
+    reference_history: int = Field(5, ge=1)
 
     @field_validator("latency_buckets_ms", "score_buckets")
     @classmethod
@@ -188,11 +201,30 @@ class ModelSettings(Section):
 
     window_s: float | None = Field(None, gt=0)
     score_buckets: list[float] | None = None
+    # A reference file written by `mlsidecar reference build` (turns warm-up off).
+    reference: Path | None = None
+    # The class whose score `scores` carries (binary metrics: precision, ROC AUC, ...).
+    positive_class: str | None = None
+    # Drift method per feature, overriding the default choice.
+    drift_methods: dict[str, DriftMethodName] = Field(default_factory=dict)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
 
     @field_validator("score_buckets")
     @classmethod
     def _sorted(cls, value: list[float] | None) -> list[float] | None:
         return None if value is None else EngineSettings._sorted(value)
+
+
+class StoreSettings(Section):
+    """Durable state: references (and pending predictions) under ``data_dir``."""
+
+    data_dir: Path = Path("data")
 
 
 class LoggingSettings(Section):
@@ -243,6 +275,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     # Deadline for a graceful stop: in-flight batches finish, exporters flush.
     shutdown_timeout_s: float = Field(10.0, gt=0)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -29,10 +30,19 @@ from agent.app import Agent
 from agent.config import Settings
 
 
+# Child agents keep their state here, not in the working tree.
+SUBPROCESS_DATA_DIR = tempfile.mkdtemp(prefix="mlsidecar-children-")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def feature_types(report: dict[str, Any]) -> dict[str, str]:
+    """Feature name -> "numeric" | "categorical", from a model health report."""
+    return {name: feature["type"] for name, feature in report["features"].items()}
 
 
 def agent_settings(**overrides: Any) -> Settings:
@@ -41,6 +51,8 @@ def agent_settings(**overrides: Any) -> Settings:
     overrides.setdefault("api", {}).setdefault("listen", "127.0.0.1:0")
     overrides.setdefault("telemetry", {}).setdefault("otlp", False)
     overrides.setdefault("shutdown_timeout_s", 5)
+    # Each agent gets its own state directory (references), removed with the test session.
+    overrides.setdefault("store", {}).setdefault("data_dir", tempfile.mkdtemp(prefix="mlsidecar-"))
     return Settings.load(None, **overrides)
 
 
@@ -154,6 +166,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MLSIDECAR_"))}
+    env["MLSIDECAR_STORE__DATA_DIR"] = SUBPROCESS_DATA_DIR
     env.update(extra)
     return env
 

@@ -241,9 +241,10 @@ def test_features_are_listed_by_type():
     engine.observe_predictions(
         preds(2, T0, numbers={"x": np.array([1.0, 2.0])}, categories={"c": ["u", "v"]})
     )
-    assert engine.report("m")["features"] == {
-        "c": {"type": "categorical"},
-        "x": {"type": "numeric"},
+    features = engine.report("m")["features"]
+    assert {name: f["type"] for name, f in features.items()} == {
+        "c": "categorical",
+        "x": "numeric",
     }
 
 
@@ -396,11 +397,22 @@ def test_report_shape_and_times():
         "window",
         "previous",
         "totals",
+        "reference",
+        "warmup",
+        "evaluated_window",
         "features",
+        "unknown_features",
+        "missing_features",
         "segments",
         "prediction",
+        "dataset_drift",
+        "performance",
+        "performance_totals",
+        "outcomes",
+        "anomalies",
         "health",
     }
+    assert set(report["prediction"]) == {"labels", "drift", "class_drift"}
     assert report["schema_version"] == 1
     assert report["first_seen"] == report["last_seen"]
     assert report["generated"].endswith("Z")

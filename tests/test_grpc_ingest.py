@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import feature_types
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -173,7 +174,7 @@ def test_columnar_batch_with_every_field_is_accepted_and_reported(start_agent):
         "batches": 1,
         "outcomes": 0,
     }
-    assert report["features"] == {"age": {"type": "numeric"}, "plan": {"type": "categorical"}}
+    assert feature_types(report) == {"age": "numeric", "plan": "categorical"}
     assert report["segments"] == {"region=eu": 8.0}
     assert report["prediction"]["labels"] == {"stay": 4.0, "churn": 4.0}
     window = report["window"]
@@ -193,9 +194,9 @@ def test_get_model_health_rpc_returns_the_http_report_and_window_bounds(start_ag
     report = json_format.MessageToDict(health.report)
     assert report["model"] == "churn"
     assert report["totals"]["rows"] == 4  # Struct numbers are doubles: 4.0 == 4
-    # health_score is unset while there is no reference profile to judge by.
-    assert not health.HasField("health_score")
-    assert report["health"]["score"] is None
+    # No reference yet: the score judges data quality alone, and says what it could not judge.
+    assert health.health_score == report["health"]["score"]
+    assert any("reference" in reason for reason in report["health"]["reasons"])
 
     start, end = health.window_start_unix_nano, health.window_end_unix_nano
     assert 0 < start < end
@@ -283,9 +284,9 @@ def test_row_form_events_are_accepted_and_reported_like_columns(start_agent):
 
     report = http_report(harness, "fraud-scorer")
     assert report["totals"]["rows"] == 3
-    assert report["features"] == {
-        "amount": {"type": "numeric"},
-        "merchant": {"type": "categorical"},
+    assert feature_types(report) == {
+        "amount": "numeric",
+        "merchant": "categorical",
     }
     assert report["segments"] == {"region=us": 3.0}
     window = report["window"]

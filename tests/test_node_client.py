@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import feature_types
 
 NODE_CLIENT = Path(__file__).resolve().parent / "node_client"
 
@@ -77,9 +78,9 @@ def test_node_client_submits_predictions_and_outcomes(node_client, agent):
     assert report["totals"]["batches"] == 1
     assert report["totals"]["outcomes"] == 3
     assert report["totals"]["estimated_predictions"] == 10.0  # sample_rate 0.5
-    assert report["features"] == {
-        "amount": {"type": "numeric"},
-        "merchant": {"type": "categorical"},
+    assert feature_types(report) == {
+        "amount": "numeric",
+        "merchant": "categorical",
     }
     assert report["segments"] == {"region=eu": 10.0}
     assert report["prediction"]["labels"] == {"fraud": 6.0, "ok": 4.0}

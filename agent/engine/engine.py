@@ -13,6 +13,10 @@ from typing import Any
 
 from agent.engine.columns import OutcomeColumns, PredictionColumns
 from agent.engine.model import ModelConfig, ModelSnapshot, ModelState
+from agent.engine.performance import JoinedPairs
+from agent.engine.reference import ReferenceProfile
+
+ReferenceLookup = Callable[[str, str], ReferenceProfile | None]
 
 
 class ModelLimitError(ValueError):
@@ -32,8 +36,15 @@ class Engine:
         *,
         max_models: int,
         clock: Callable[[], int],
+        reference_for: ReferenceLookup | None = None,
+        on_reference: Callable[[ReferenceProfile], None] | None = None,
     ) -> None:
+        """``reference_for`` finds a stored reference for a new model version;
+        ``on_reference`` is told of each reference built from warm-up traffic (to persist it).
+        """
         self._config_for = config_for
+        self._reference_for = reference_for
+        self._on_reference = on_reference
         self._max_models = max_models
         self._clock = clock
         self._lock = threading.Lock()
@@ -49,14 +60,48 @@ class Engine:
                     f"model {model!r} version {version!r}: the agent already tracks "
                     f"{len(self._states)} model versions (ingest.max_models={self._max_models})"
                 )
-            state = ModelState(model, version, self._config_for(model), now)
+            reference = None if self._reference_for is None else self._reference_for(model, version)
+            state = ModelState(model, version, self._config_for(model), now, reference)
             self._states[key] = state
         self._latest_version[model] = version
         return state
 
     def observe_predictions(self, cols: PredictionColumns) -> None:
         with self._lock:
-            self._state(cols.model, cols.version, cols.received_unix_nano).observe_predictions(cols)
+            state = self._state(cols.model, cols.version, cols.received_unix_nano)
+            state.observe_predictions(cols)
+            built, state.monitor.new_reference = state.monitor.new_reference, None
+        if built is not None and self._on_reference is not None:
+            self._on_reference(built)
+
+    def set_reference(self, reference: ReferenceProfile) -> None:
+        """Judge ``reference.model`` / ``reference.version`` against ``reference`` from now on."""
+        with self._lock:
+            state = self._state(reference.model, reference.version, self._clock())
+            state.monitor.set_reference(reference)
+
+    def reference(self, model: str, version: str | None = None) -> ReferenceProfile | None:
+        with self._lock:
+            version = self._latest_version.get(model) if version is None else version
+            state = None if version is None else self._states.get((model, version))
+            return None if state is None else state.monitor.reference
+
+    def observe_joined(self, model: str, version: str, pairs: JoinedPairs) -> None:
+        """Outcomes joined to their predictions (by the caller, from the pending store)."""
+        with self._lock:
+            state = self._state(model, version, self._clock())
+            state._roll(self._clock())
+            state.monitor.observe_joined(pairs)
+
+    def count_outcome_misses(
+        self, model: str, version: str, *, orphaned: int = 0, unmatched: int = 0
+    ) -> None:
+        """Outcomes with no known prediction (orphaned); predictions never joined (unmatched)."""
+        with self._lock:
+            state = self._states.get((model, version))
+            if state is not None:
+                state.monitor.orphaned += orphaned
+                state.monitor.unmatched += unmatched
 
     def observe_outcomes(self, cols: OutcomeColumns) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ from typing import Any
 
 from agent.engine.columns import OutcomeColumns, PredictionColumns
 from agent.engine.histogram import FixedHistogram
+from agent.engine.monitor import ModelMonitor, MonitorConfig
+from agent.engine.reference import ReferenceProfile
 
 OTHER = "other"
 REPORT_SCHEMA_VERSION = 1
@@ -41,6 +43,7 @@ class ModelConfig:
     score_bounds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     max_segments: int = 20
     max_classes: int = 50
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 class BoundedCounter:
@@ -176,7 +179,14 @@ class ModelState:
     Not thread-safe on its own; ``Engine`` serialises access.
     """
 
-    def __init__(self, model: str, version: str, config: ModelConfig, now_unix_nano: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        config: ModelConfig,
+        now_unix_nano: int,
+        reference: ReferenceProfile | None = None,
+    ) -> None:
         self.model = model
         self.version = version
         self.config = config
@@ -190,16 +200,30 @@ class ModelState:
         self.labels = BoundedCounter(config.max_classes)
         self.outcome_labels = BoundedCounter(config.max_classes)
         self.features: dict[str, str] = {}
+        self.monitor = ModelMonitor(model, version, config.monitor, reference)
 
     def _roll(self, now: int) -> None:
         if now < self.current.end_unix_nano:
             return
         w = self.config.window_ns
         start = now - now % w
-        if self.current.end_unix_nano == start:
-            self.previous = self.current
+        closing = self.current
+        self.monitor.roll(
+            {
+                "score.mean": closing.scores.sum / closing.scores.count
+                if closing.scores.count
+                else math.nan,
+                "latency.mean": closing.latency.sum / closing.latency.count
+                if closing.latency.count
+                else math.nan,
+                "traffic.rows": float(closing.rows),
+            }
+        )
+        if closing.end_unix_nano == start:
+            self.previous = closing
         else:  # whole windows passed without traffic: the last closed one was empty
             self.previous = Tally.empty(start - w, start, self.config, like=self.totals)
+            self.monitor.roll({"traffic.rows": 0.0})
         self.current = Tally.empty(start, start + w, self.config, like=self.totals)
 
     def observe_predictions(self, cols: PredictionColumns) -> None:
@@ -218,6 +242,7 @@ class ModelState:
             features.setdefault(name, "numeric")
         for name in cols.categories:
             features.setdefault(name, "categorical")
+        self.monitor.observe_predictions(cols)
 
     def observe_outcomes(self, cols: OutcomeColumns) -> None:
         now = cols.received_unix_nano
@@ -264,17 +289,34 @@ class ModelState:
                     "batches": totals.batches,
                     "outcomes": totals.outcomes,
                 },
-                "features": {name: {"type": kind} for name, kind in sorted(self.features.items())},
-                "segments": dict(self.segments.counts),
-                "prediction": {"labels": dict(self.labels.counts)},
-                "health": {
-                    "score": None,
-                    "reasons": [
-                        "no reference profile: drift, data quality and performance are not evaluated yet"
-                    ],
-                },
+                **self._ml_sections(min_rows),
             }
         )
+
+    def _ml_sections(self, min_rows: int) -> dict[str, Any]:
+        ml = self.monitor.report(
+            min_rows,
+            self.current.rows,
+            0 if self.previous is None else self.previous.rows,
+        )
+        features = ml.pop("features")
+        for name, kind in self.features.items():
+            features.setdefault(name, {}).setdefault("type", kind)
+        return {
+            "reference": ml.pop("reference"),
+            "warmup": ml.pop("warmup"),
+            "evaluated_window": ml.pop("evaluated_window"),
+            "features": dict(sorted(features.items())),
+            "unknown_features": ml.pop("unknown_features"),
+            "missing_features": ml.pop("missing_features"),
+            "segments": dict(self.segments.counts),
+            "prediction": {
+                "labels": dict(self.labels.counts),
+                "drift": ml.pop("prediction_drift"),
+                "class_drift": ml.pop("class_drift"),
+            },
+            **ml,
+        }
 
 
 def json_safe(value: Any) -> Any:

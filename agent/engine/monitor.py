@@ -1,0 +1,384 @@
+"""ML health of one model version: reference, drift and quality per window, performance, score.
+
+Pure computation like the rest of the engine: batches in, a report section out.
+``ModelState`` owns one ``ModelMonitor`` and calls it with each batch and at each
+window boundary.
+
+    monitor = ModelMonitor("churn", "v1", MonitorConfig(warmup_rows=1000))
+    monitor.observe_predictions(cols)           # bins, quality; warm-up until a reference exists
+    monitor.observe_joined(pairs)               # performance, once outcomes join predictions
+    monitor.roll()                              # the live window closed
+    monitor.report(min_rows=100)                # reference, features, dataset_drift, health, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.engine.anomaly import EwmaBank
+from agent.engine.columns import PredictionColumns
+from agent.engine.drift import DriftBaseline, DriftMethod, DriftResult, dataset_drift
+from agent.engine.health import HealthAssessment, HealthInputs, HealthPolicy, score_health
+from agent.engine.performance import JoinedPairs, PerformanceTally
+from agent.engine.quality import ColumnCounts, QualityTally
+from agent.engine.reference import (
+    CategoricalBins,
+    CategoricalProfile,
+    NumericBins,
+    NumericProfile,
+    ReferenceBuilder,
+    ReferenceProfile,
+)
+
+Bins = NumericBins | CategoricalBins
+# Window aggregates watched for anomalies (one observation per closed window).
+ANOMALY_STREAMS = ("score.mean", "latency.mean", "traffic.rows")
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    """Reference, drift, performance and health settings of one model."""
+
+    psi_bins: int = 10
+    cdf_bins: int = 100
+    top_k: int = 50
+    # The first N live predictions become the reference when none is given; 0 turns it off.
+    warmup_rows: int = 1000
+    drift_methods: Mapping[str, DriftMethod] = field(default_factory=dict)
+    drift_thresholds: Mapping[str, float] = field(default_factory=dict)
+    drift_share: float = 0.5
+    positive_class: str | None = None
+    score_bins: int = 100
+    max_segments: int = 20
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    anomaly_half_life: float = 12.0
+    anomaly_z: float = 3.0
+    anomaly_warmup: int = 6
+
+
+class HealthWindow:
+    """What one window (or the totals) counted: drift bins, quality, performance."""
+
+    __slots__ = ("bins", "label_bins", "performance", "quality", "score_bins")
+
+    def __init__(self, quality: QualityTally, config: MonitorConfig) -> None:
+        self.bins: dict[str, Bins] = {}
+        self.score_bins: NumericBins | None = None
+        self.label_bins: CategoricalBins | None = None
+        self.quality = quality
+        self.performance = PerformanceTally(
+            positive_class=config.positive_class,
+            score_bins=config.score_bins,
+            max_segments=config.max_segments,
+        )
+
+    def add_bins(self, name: str, bins: Bins) -> None:
+        old = self.bins.get(name)
+        self.bins[name] = bins if old is None else old.merged(bins)  # type: ignore[arg-type]
+
+
+def _merge(old: Any, new: Any) -> Any:
+    return new if old is None else old.merged(new)
+
+
+class ModelMonitor:
+    """Reference, windows and health of one model version. Not thread-safe (Engine locks)."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        config: MonitorConfig,
+        reference: ReferenceProfile | None = None,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.config = config
+        self.reference: ReferenceProfile | None = None
+        self._baseline: DriftBaseline | None = None
+        self._prediction_baseline: DriftBaseline | None = None
+        self.warmup: ReferenceBuilder | None = None
+        # A reference built from warm-up traffic, waiting to be persisted by the caller.
+        self.new_reference: ReferenceProfile | None = None
+        self.warmup_skipped_batches = 0
+        self.joined = 0
+        self.orphaned = 0
+        self.unmatched = 0
+        self.totals_performance = self._performance()
+        self.anomalies = EwmaBank(
+            ANOMALY_STREAMS,
+            half_life=config.anomaly_half_life,
+            z_threshold=config.anomaly_z,
+            warmup=config.anomaly_warmup,
+        )
+        self.window_anomalies: dict[str, int] = {}
+        if reference is not None:
+            self.set_reference(reference)
+        elif config.warmup_rows > 0:
+            self.warmup = ReferenceBuilder(
+                model,
+                version,
+                rows=config.warmup_rows,
+                psi_bins=config.psi_bins,
+                cdf_bins=config.cdf_bins,
+                top_k=config.top_k,
+            )
+        self.current = HealthWindow(self._quality(), config)
+        self.previous: HealthWindow | None = None
+
+    def _performance(self) -> PerformanceTally:
+        c = self.config
+        return PerformanceTally(
+            positive_class=c.positive_class, score_bins=c.score_bins, max_segments=c.max_segments
+        )
+
+    def _quality(self) -> QualityTally:
+        ref = self.reference
+        if ref is None:
+            return QualityTally()
+        schema = {
+            name: "numeric" if isinstance(p, NumericProfile) else "categorical"
+            for name, p in ref.features.items()
+        }
+        ranges = {
+            name: (p.min, p.max)
+            for name, p in ref.features.items()
+            if isinstance(p, NumericProfile) and p.count > 0
+        }
+        # Only a complete vocabulary says what is unseen; a top-K one would flag rare categories.
+        known = {
+            name: p.categories
+            for name, p in ref.features.items()
+            if isinstance(p, CategoricalProfile) and int(p.counts[-1]) == 0
+        }
+        return QualityTally(schema, ranges, known)  # type: ignore[arg-type]
+
+    # --- reference --------------------------------------------------------------------------
+
+    def set_reference(self, reference: ReferenceProfile) -> None:
+        """Use ``reference`` from now on; the live window restarts its bins and quality."""
+        if (reference.model, reference.version) != (self.model, self.version):
+            raise ValueError(
+                f"reference: it is for {reference.model!r} version {reference.version!r}, "
+                f"not {self.model!r} version {self.version!r}"
+            )
+        self._baseline = DriftBaseline(
+            reference.features,
+            methods={k: v for k, v in self.config.drift_methods.items() if k in reference.features},
+            thresholds=self.config.drift_thresholds,
+        )
+        prediction: dict[str, NumericProfile | CategoricalProfile] = {}
+        if reference.scores is not None:
+            prediction["score"] = reference.scores
+        if reference.labels is not None:
+            prediction["label"] = reference.labels
+        self._prediction_baseline = (
+            DriftBaseline(prediction, thresholds=self.config.drift_thresholds)
+            if prediction
+            else None
+        )
+        self.reference = reference
+        self.warmup = None
+        if hasattr(self, "current"):
+            performance = self.current.performance
+            self.current = HealthWindow(self._quality(), self.config)
+            self.current.performance = performance  # outcomes do not depend on the reference
+
+    # --- observation ------------------------------------------------------------------------
+
+    def observe_predictions(self, cols: PredictionColumns) -> None:
+        if self.warmup is not None:
+            self._warm_up(cols)
+        window = self.current
+        ref = self.reference
+        counted: dict[str, ColumnCounts] = {}
+        if ref is not None:
+            for name, values in cols.numbers.items():
+                profile = ref.features.get(name)
+                if isinstance(profile, NumericProfile):
+                    bins = profile.bin(values)
+                    window.add_bins(name, bins)
+                    counted[name] = ColumnCounts(
+                        missing=bins.missing,
+                        nonfinite=bins.nonfinite,
+                        out_of_range=bins.out_of_range,
+                    )
+            for name, labels in cols.categories.items():
+                profile = ref.features.get(name)
+                if isinstance(profile, CategoricalProfile):
+                    cbins = profile.bin(labels)
+                    window.add_bins(name, cbins)
+                    complete_vocabulary = int(profile.counts[-1]) == 0
+                    counted[name] = ColumnCounts(
+                        missing=cbins.missing, unseen=cbins.unseen if complete_vocabulary else 0
+                    )
+            if ref.scores is not None and cols.scores is not None:
+                window.score_bins = _merge(window.score_bins, ref.scores.bin(cols.scores))
+            if ref.labels is not None and cols.labels is not None:
+                window.label_bins = _merge(window.label_bins, ref.labels.bin(cols.labels))
+        window.quality.observe(cols.rows, cols.numbers, cols.categories, counted=counted)
+
+    def _warm_up(self, cols: PredictionColumns) -> None:
+        assert self.warmup is not None
+        try:
+            self.warmup.add(cols)
+        except ValueError:
+            # A feature changed type mid-warm-up: a data-quality matter, never a rejection.
+            self.warmup_skipped_batches += 1
+            return
+        if self.warmup.full:
+            reference = self.warmup.build(created_unix_nano=cols.received_unix_nano)
+            self.set_reference(reference)
+            self.new_reference = reference
+
+    def observe_joined(self, pairs: JoinedPairs) -> None:
+        """Outcomes that joined their predictions, attributed to the window they arrived in."""
+        self.joined += pairs.rows
+        self.current.performance.observe(pairs)
+        self.totals_performance.observe(pairs)
+
+    def roll(self, window_aggregates: Mapping[str, float] | None = None) -> None:
+        """The live window closed: it becomes ``previous``; its aggregates feed anomaly checks."""
+        if window_aggregates:
+            values = np.array([window_aggregates.get(s, np.nan) for s in ANOMALY_STREAMS])
+            flags = self.anomalies.observe(values)
+            self.window_anomalies = dict.fromkeys(flags.flagged_names(), 1)
+        else:
+            self.window_anomalies = {}
+        self.previous = self.current
+        self.current = HealthWindow(QualityTally.empty_like(self.previous.quality), self.config)
+
+    # --- report -----------------------------------------------------------------------------
+
+    def _evaluated(
+        self, min_rows: int, current_rows: int, previous_rows: int
+    ) -> tuple[str, HealthWindow] | None:
+        """The window drift is judged on: the live one once complete, else the last closed one."""
+        if current_rows >= min_rows:
+            return "current", self.current
+        if self.previous is not None and previous_rows >= min_rows:
+            return "previous", self.previous
+        return None
+
+    def report(self, min_rows: int, current_rows: int, previous_rows: int) -> dict[str, Any]:
+        """The ML health sections of the model report (see docs/health-report.md)."""
+        ref = self.reference
+        evaluated = self._evaluated(min_rows, current_rows, previous_rows)
+        drift: dict[str, DriftResult] = {}
+        prediction: dict[str, DriftResult] = {}
+        if evaluated is not None and self._baseline is not None:
+            drift = self._baseline.evaluate(evaluated[1].bins)
+            if self._prediction_baseline is not None:
+                current: dict[str, Bins] = {}
+                if evaluated[1].score_bins is not None:
+                    current["score"] = evaluated[1].score_bins
+                if evaluated[1].label_bins is not None:
+                    current["label"] = evaluated[1].label_bins
+                prediction = self._prediction_baseline.evaluate(current)
+        share, drifted = dataset_drift(drift.values(), self.config.drift_share)
+        quality_window = evaluated[1] if evaluated is not None else self.current
+        quality = quality_window.quality.report()
+        performance = self.current.performance
+        if performance.metrics().get("count") in (None, 0) and self.previous is not None:
+            performance = self.previous.performance
+        performance_report = performance.report()
+        health = self._health(drift, prediction, share, drifted, quality, performance_report)
+        features: dict[str, Any] = {}
+        names = set(quality["features"]) | (set(ref.features) if ref else set())
+        for name in sorted(names):
+            entry: dict[str, Any] = {}
+            if ref is not None and name in ref.features:
+                p = ref.features[name]
+                entry["type"] = "numeric" if isinstance(p, NumericProfile) else "categorical"
+            if name in drift:
+                entry["drift"] = drift[name].to_dict()
+            if name in quality["features"]:
+                entry["quality"] = quality["features"][name]
+            features[name] = entry
+        return {
+            "reference": None
+            if ref is None
+            else {
+                "id": ref.id,
+                "source": ref.source,
+                "rows": ref.rows,
+                "created_unix_nano": ref.created_unix_nano,
+                "features": len(ref.features),
+            },
+            "warmup": None
+            if self.warmup is None
+            else {"rows": self.warmup.rows, "target": self.warmup.capacity},
+            "evaluated_window": None if evaluated is None else evaluated[0],
+            "features": features,
+            "unknown_features": quality.get("unknown_features", {}),
+            "missing_features": quality.get("missing_features", []),
+            "prediction_drift": prediction["score"].to_dict() if "score" in prediction else None,
+            "class_drift": prediction["label"].to_dict() if "label" in prediction else None,
+            "dataset_drift": {
+                "share": share,
+                "threshold": self.config.drift_share,
+                "drifted": drifted,
+                "features": len([r for r in drift.values() if r.score is not None]),
+            },
+            "performance": performance_report,
+            "performance_totals": self.totals_performance.report(),
+            "outcomes": {
+                "joined": self.joined,
+                "orphaned": self.orphaned,
+                "unmatched": self.unmatched,
+                "label_delay_s": self.totals_performance.label_delay.summary(),
+            },
+            "anomalies": {
+                "streams": self.anomalies.report(),
+                "flagged_last_window": sorted(self.window_anomalies),
+            },
+            "health": health.to_dict(),
+        }
+
+    def _health(
+        self,
+        drift: Mapping[str, DriftResult],
+        prediction: Mapping[str, DriftResult],
+        share: float | None,
+        drifted: bool,
+        quality: Mapping[str, Any],
+        performance: Mapping[str, Any],
+    ) -> HealthAssessment:
+        evaluated = [r for r in drift.values() if r.score is not None]
+        top = sorted(
+            (r for r in evaluated if r.drifted),
+            key=lambda r: -(r.psi or 0.0),
+        )
+        names = {id(r): n for n, r in drift.items()}
+        score_drift = prediction.get("score")
+        count = performance.get("count")
+        inputs = HealthInputs(
+            drifted_features=sum(r.drifted for r in evaluated) if evaluated else None,
+            total_features=len(evaluated) if evaluated else None,
+            dataset_drift=drifted if share is not None else None,
+            drift_psi={names[id(r)]: r.psi for r in top[:3]},
+            prediction_drift=None
+            if score_drift is None or score_drift.score is None
+            else score_drift.drifted,
+            prediction_psi=None if score_drift is None else score_drift.psi,
+            performance={
+                k: v for k, v in performance.items() if isinstance(v, float | int) or v is None
+            }
+            if count
+            else None,
+            quality=quality["features"] or None,
+            anomalies=self.window_anomalies or None,
+            has_reference=self.reference is not None,
+            outcomes=int(count) if isinstance(count, int | float) else None,
+        )
+        return score_health(inputs, self.config.health)
+
+
+def with_reference_source(reference: ReferenceProfile, source: str) -> ReferenceProfile:
+    """The same reference (same id) recorded as coming from ``source``."""
+    return dataclasses.replace(reference, source=source)  # type: ignore[arg-type]
