@@ -12,13 +12,10 @@ graceful stop bounded by ``shutdown_timeout_s``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -33,7 +30,7 @@ from agent.engine import Engine, ModelConfig, MonitorConfig, ReferenceProfile
 from agent.ingest.decode import Limits
 from agent.ingest.grpc_server import IngestServer
 from agent.ingest.receiver import EventReceiver
-from agent.store.references import ReferenceStore
+from agent.references import References
 from agent.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
@@ -72,58 +69,6 @@ def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
         )
 
     return config_for
-
-
-def load_reference_file(path: Path, model: str, field: str) -> ReferenceProfile:
-    """A reference file from config, checked at start so a bad one fails before serving."""
-    try:
-        document = json.loads(path.read_bytes())
-        profile = ReferenceProfile.from_dict(document)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{field}: cannot use reference file {str(path)!r}: {error}") from None
-    if profile.model != model:
-        raise ValueError(f"{field}: {str(path)!r} is a reference for model {profile.model!r}")
-    return dataclasses.replace(profile, source="file")
-
-
-class References:
-    """Where a model version's reference comes from: config file, else the last one stored."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.store = ReferenceStore(
-            settings.store.data_dir / "references", history=settings.engine.reference_history
-        )
-        self._files = {
-            name: load_reference_file(model.reference, name, f"models.{name}.reference")
-            for name, model in settings.models.items()
-            if model.reference is not None
-        }
-
-    def lookup(self, model: str, version: str) -> ReferenceProfile | None:
-        from_file = self._files.get(model)
-        if from_file is not None:
-            return dataclasses.replace(from_file, version=version)
-        stored = self.store.latest(model, version)
-        if stored is None:
-            return None
-        try:
-            return ReferenceProfile.from_dict(stored)
-        except ValueError as error:
-            log.error("ignoring stored reference", extra={"model": model, "error": str(error)})
-            return None
-
-    def save(self, profile: ReferenceProfile) -> None:
-        self.store.save(profile.model, profile.version, profile.to_dict())
-        log.info(
-            "reference saved",
-            extra={
-                "model": profile.model,
-                "version": profile.version,
-                "id": profile.id,
-                "source": profile.source,
-                "rows": profile.rows,
-            },
-        )
 
 
 class Agent:
@@ -184,6 +129,9 @@ class Agent:
             self.receiver,
             readiness=self.readiness,
             prometheus_registry=self.prometheus_registry,
+            references=self.references,
+            install_reference=self.install_reference,
+            clock=clock,
         )
         self.api = AdminApi(
             settings.api,
@@ -192,6 +140,11 @@ class Agent:
             meter_provider=self.telemetry.meter_provider,
         )
         self._started = False
+
+    def install_reference(self, profile: ReferenceProfile) -> None:
+        """Store ``profile`` durably, then judge its model version against it."""
+        self.references.save(profile)
+        self.engine.set_reference(profile)
 
     def _persist_reference(self, profile: ReferenceProfile) -> None:
         """A warm-up reference is complete: write it off the event loop when one runs."""

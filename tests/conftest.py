@@ -103,6 +103,9 @@ class AgentHarness:
         return pb_grpc.IngestStub(self.channel())
 
     def stop(self) -> None:
+        """Stop the agent and its loop; a second call does nothing."""
+        if self.loop.is_closed():
+            return
         for channel in self._channels:
             channel.close()
         try:

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,9 +30,10 @@ from prometheus_client.exposition import choose_encoder
 from agent import __version__
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent.config import MODEL_NAME_PATTERN, ApiSettings
-from agent.engine import Engine
+from agent.engine import Engine, ReferenceProfile
 from agent.ingest.decode import RejectCode, Rejected
 from agent.ingest.receiver import EventReceiver
+from agent.references import References
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ def build_app(
     *,
     readiness: Callable[[], dict[str, bool]],
     prometheus_registry: CollectorRegistry | None = None,
+    references: References | None = None,
+    install_reference: Callable[[ReferenceProfile], None] | None = None,
+    clock: Callable[[], int] = time.time_ns,
 ) -> FastAPI:
     app = FastAPI(
         title="mlsidecar admin API",
@@ -144,10 +149,81 @@ def build_app(
         """Forget a model: all its versions' state. Needs the admin token when one is set."""
         if (refusal := admin_refusal(request)) is not None:
             return refusal
+        if (refusal := invalid_model(model)) is not None:
+            return refusal
         removed = engine.forget(model)
-        if not removed:
+        references_removed = 0
+        if references is not None:
+            references_removed = await asyncio.to_thread(references.store.forget, model)
+        if not removed and not references_removed:
             return _error(404, "NOT_FOUND", "unknown_model", f"model {model!r} is not tracked")
-        return JSONResponse({"model": model, "forgotten_versions": removed})
+        return JSONResponse(
+            {
+                "model": model,
+                "forgotten_versions": removed,
+                "forgotten_references": references_removed,
+            }
+        )
+
+    def invalid_model(model: str) -> JSONResponse | None:
+        if MODEL_NAME_PATTERN.fullmatch(model):
+            return None
+        return _error(
+            400,
+            "INVALID_ARGUMENT",
+            "invalid_model",
+            f"model: {model[:140]!r} does not match [A-Za-z0-9._-]{{1,128}}",
+        )
+
+    @app.get("/v1/models/{model}/reference", tags=["references"])
+    async def get_reference(
+        model: str, version: str | None = Query(None, description="default: latest version seen")
+    ) -> JSONResponse:
+        """The reference profile drift is judged against (bin edges and counts, no raw values)."""
+        if (refusal := invalid_model(model)) is not None:
+            return refusal
+        profile = engine.reference(model, version)
+        if profile is None:
+            return _error(404, "NOT_FOUND", "no_reference", f"model {model!r} has no reference yet")
+        return JSONResponse(profile.to_dict())
+
+    @app.put("/v1/models/{model}/reference", tags=["references"])
+    async def put_reference(
+        model: str,
+        request: Request,
+        version: str | None = Query(None, description="default: latest version seen, else ''"),
+    ) -> JSONResponse:
+        """Upload a reference: a `mlsidecar reference build` file, or raw sample columns
+        `{"features": {"age": [..], "city": [..]}, "scores": [..], "labels": [..]}`.
+        Needs the admin token when one is set."""
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        if (refusal := invalid_model(model)) is not None:
+            return refusal
+        if references is None or install_reference is None:
+            return _error(501, "UNIMPLEMENTED", "no_reference_store", "references are not enabled")
+        if version is None:
+            latest = engine.report(model)
+            version = "" if latest is None else str(latest["version"])
+        body = await request.body()
+        try:
+            document = json.loads(body) if body.strip() else None
+            profile = await asyncio.to_thread(
+                references.from_document, model, version, document, now_unix_nano=clock()
+            )
+        except ValueError as error:
+            return _error(400, "INVALID_ARGUMENT", "invalid_reference", str(error))
+        await asyncio.to_thread(install_reference, profile)
+        return JSONResponse(
+            {
+                "model": model,
+                "version": version,
+                "id": profile.id,
+                "source": profile.source,
+                "rows": profile.rows,
+                "features": sorted(profile.features),
+            }
+        )
 
     async def ingest(request: Request, message_type: type[Message], accept: Any) -> JSONResponse:
         method = "http:" + request.url.path

@@ -1,0 +1,156 @@
+"""Reference profiles for the agent: from config files, uploads, raw samples and the store.
+
+    references = References(settings)
+    references.lookup("churn", "v1")                 # file from config, else the last stored
+    profile = references.from_document("churn", "v1", body, now_unix_nano=time.time_ns())
+    references.save(profile)
+
+A document is either a reference file (what ``mlsidecar reference build`` writes,
+recognised by its ``schema_version``) or raw sample columns::
+
+    {"features": {"age": [31, 45, null], "city": ["Oslo", "Rome", null]},
+     "scores": [0.2, 0.9, 0.4], "labels": ["no", "yes", "no"]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import Settings
+from agent.engine import ReferenceProfile
+from agent.store.references import ReferenceStore
+
+log = logging.getLogger(__name__)
+
+
+def load_reference_file(path: Path, model: str, field: str) -> ReferenceProfile:
+    """A reference file from config, checked at start so a bad one fails before serving."""
+    try:
+        document = json.loads(path.read_bytes())
+        profile = ReferenceProfile.from_dict(document)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{field}: cannot use reference file {str(path)!r}: {error}") from None
+    if profile.model != model:
+        raise ValueError(f"{field}: {str(path)!r} is a reference for model {profile.model!r}")
+    return dataclasses.replace(profile, source="file")
+
+
+class References:
+    """Where a model version's reference comes from: config file, else the last one stored."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._engine_settings = settings.engine
+        self.store = ReferenceStore(
+            settings.store.data_dir / "references", history=settings.engine.reference_history
+        )
+        self._files = {
+            name: load_reference_file(model.reference, name, f"models.{name}.reference")
+            for name, model in settings.models.items()
+            if model.reference is not None
+        }
+
+    def lookup(self, model: str, version: str) -> ReferenceProfile | None:
+        from_file = self._files.get(model)
+        if from_file is not None:
+            return dataclasses.replace(from_file, version=version)
+        stored = self.store.latest(model, version)
+        if stored is None:
+            return None
+        try:
+            return ReferenceProfile.from_dict(stored)
+        except ValueError as error:
+            log.error("ignoring stored reference", extra={"model": model, "error": str(error)})
+            return None
+
+    def save(self, profile: ReferenceProfile) -> None:
+        self.store.save(profile.model, profile.version, profile.to_dict())
+        log.info(
+            "reference saved",
+            extra={
+                "model": profile.model,
+                "version": profile.version,
+                "id": profile.id,
+                "source": profile.source,
+                "rows": profile.rows,
+            },
+        )
+
+    def from_document(
+        self, model: str, version: str, document: Any, *, now_unix_nano: int
+    ) -> ReferenceProfile:
+        """A reference file or raw sample columns, for ``model`` / ``version``; ValueError names the field."""
+        if not isinstance(document, Mapping):
+            raise ValueError("body: expected a JSON object")
+        if "schema_version" in document:
+            profile = ReferenceProfile.from_dict(dict(document))
+            return dataclasses.replace(profile, model=model, version=version, source="upload")
+        numbers, categories = sample_columns(document)
+        engine = self._engine_settings
+        return ReferenceProfile.from_columns(
+            model,
+            version,
+            numbers=numbers,
+            categories=categories,
+            scores=_floats("scores", document["scores"]) if "scores" in document else None,
+            labels=_labels("labels", document["labels"]) if "labels" in document else None,
+            source="upload",
+            created_unix_nano=now_unix_nano,
+            psi_bins=engine.psi_bins,
+            cdf_bins=engine.cdf_bins,
+            top_k=engine.top_k,
+        )
+
+
+SAMPLE_KEYS = frozenset({"features", "scores", "labels"})
+
+
+def sample_columns(
+    document: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, list[str | None]]]:
+    """Split ``document["features"]`` into numeric and categorical columns by their values."""
+    unknown = sorted(set(document) - SAMPLE_KEYS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key (expected features, scores, labels)")
+    features = document.get("features")
+    if not isinstance(features, Mapping) or not features:
+        raise ValueError("features: expected an object of feature name -> list of values")
+    numbers: dict[str, Any] = {}
+    categories: dict[str, list[str | None]] = {}
+    lengths = set()
+    for name, values in features.items():
+        field = f"features.{name}"
+        if not isinstance(values, list):
+            raise ValueError(f"{field}: expected a list of values")
+        lengths.add(len(values))
+        present = [v for v in values if v is not None]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            numbers[name] = _floats(field, values)
+        elif all(isinstance(v, str) for v in present):
+            categories[name] = list(values)
+        else:
+            raise ValueError(f"{field}: mixes numbers and strings; send one type per feature")
+    if len(lengths) > 1:
+        raise ValueError(f"features: columns differ in length ({sorted(lengths)})")
+    return numbers, categories
+
+
+def _floats(field: str, values: Any) -> Any:
+    if not isinstance(values, list):
+        raise ValueError(f"{field}: expected a list of numbers")
+    try:
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: expected numbers (null for missing)") from None
+
+
+def _labels(field: str, values: Any) -> list[str | None]:
+    if not isinstance(values, list) or not all(v is None or isinstance(v, str) for v in values):
+        raise ValueError(f"{field}: expected a list of strings (null for missing)")
+    return list(values)
