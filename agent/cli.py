@@ -6,6 +6,7 @@
     mlsidecar health --probe                       # exit 0 only when the agent is serving
     mlsidecar config show --config mlsidecar.yaml  # effective config, secrets redacted
     mlsidecar config validate mlsidecar.yaml
+    mlsidecar reference build train.csv -o ref.json --model churn --score-column score
 
 Exit codes: 0 ok, 1 not healthy / not reachable, 2 bad usage or invalid config.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -101,7 +103,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    load_settings(args.file)
+    from agent.references import load_reference_file
+
+    settings = load_settings(args.file)
+    for name, model in settings.models.items():
+        if model.reference is not None:  # the file exists (checked); is it a reference for name?
+            try:
+                load_reference_file(model.reference, name, f"models.{name}.reference")
+            except ValueError as error:
+                raise ConfigError(f"invalid configuration: {error}") from None
     print(f"{args.file}: valid")
     return 0
 
@@ -235,6 +245,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .csv (header line) or .jsonl (one object per line) training-data file."""
+    import csv
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with path.open(newline="") as handle:
+                return [
+                    {k: (None if v == "" else v) for k, v in row.items()}
+                    for row in csv.DictReader(handle)
+                ]
+        if suffix in (".jsonl", ".ndjson"):
+            rows = []
+            with path.open() as handle:
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"line {number}: expected a JSON object")
+                        rows.append(row)
+            return rows
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {str(path)!r}: {error}") from None
+    raise ConfigError(f"{str(path)!r}: expected a .csv or .jsonl file (parquet: convert first)")
+
+
+def _column(values: list[Any]) -> list[Any]:
+    """CSV gives strings: a column whose present values all parse as numbers is numeric."""
+    present = [v for v in values if v is not None]
+    try:
+        return [None if v is None else float(v) for v in values] if present else values
+    except (TypeError, ValueError):
+        return [None if v is None else str(v) for v in values]
+
+
+def cmd_reference_build(args: argparse.Namespace) -> int:
+    from agent.references import References
+
+    rows = read_samples(args.data)
+    if not rows:
+        raise ConfigError(f"{str(args.data)!r} holds no rows")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    special = {args.score_column, args.label_column} - {None}
+    missing = sorted(special - set(names))
+    if missing:
+        raise ConfigError(f"--score-column/--label-column: no column {missing[0]!r} in the data")
+    document: dict[str, Any] = {
+        "features": {
+            name: _column([row.get(name) for row in rows])
+            for name in names
+            if name not in special and name not in args.exclude
+        }
+    }
+    if args.score_column:
+        document["scores"] = _column([row.get(args.score_column) for row in rows])
+    if args.label_column:
+        document["labels"] = [
+            None if row.get(args.label_column) is None else str(row[args.label_column])
+            for row in rows
+        ]
+    settings = load_settings(args.config)
+    try:
+        profile = References(settings).from_document(
+            args.model, args.version, document, now_unix_nano=time.time_ns()
+        )
+    except ValueError as error:
+        raise ConfigError(f"cannot build a reference: {error}") from None
+    profile = dataclasses.replace(profile, source="file")
+    args.output.write_text(json.dumps(profile.to_dict(), indent=1, allow_nan=False) + "\n")
+    print(
+        f"{args.output}: reference {profile.id} for {args.model!r}: {profile.rows} rows, "
+        f"{len(profile.features)} features"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlsidecar", description="Monitoring sidecar for ML model services."
@@ -281,6 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe", action="store_true", help="print nothing; exit 0 only when ready (exec probes)"
     )
     health.set_defaults(handler=cmd_health)
+
+    reference = commands.add_parser("reference", help="build reference profiles")
+    reference_commands = reference.add_subparsers(
+        dest="reference_command", required=True, metavar="ACTION"
+    )
+    build = reference_commands.add_parser(
+        "build", help="profile a training-data file (.csv, .jsonl) into a reference file"
+    )
+    with_config(build)
+    build.add_argument("data", type=Path, help="training data: .csv with a header, or .jsonl")
+    build.add_argument("-o", "--output", type=Path, required=True, help="reference file to write")
+    build.add_argument("--model", required=True, help="the model the reference is for")
+    build.add_argument("--version", default="", help="model version (default: any)")
+    build.add_argument("--score-column", help="column holding the model's score")
+    build.add_argument("--label-column", help="column holding the predicted class")
+    build.add_argument(
+        "--exclude", action="append", default=[], help="column to leave out (repeatable)"
+    )
+    build.set_defaults(handler=cmd_reference_build)
 
     config = commands.add_parser("config", help="show or validate configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 import yaml
 from conftest import free_port, mlsidecar_command, subprocess_env
@@ -274,3 +275,58 @@ def test_a_failed_start_exits_promptly_even_when_the_collector_is_down(
     process.kill()
     # Nothing was accepted, so there is nothing to flush: no waiting on exporter retries.
     assert time.monotonic() - started < 8
+
+
+def write_training_csv(path: Path, rows: int = 1500) -> Path:
+    rng = np.random.default_rng(4)
+    lines = ["income,age,region,score,row_id"]
+    for i in range(rows):
+        age = "" if i % 50 == 0 else str(int(rng.integers(18, 80)))
+        lines.append(
+            f"{rng.normal(50, 10):.2f},{age},{rng.choice(['n', 's', 'e'])},{rng.random():.3f},{i}"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_reference_build_profiles_a_csv_into_a_file_the_agent_accepts(tmp_path, config_file):
+    data = write_training_csv(tmp_path / "train.csv")
+    out = tmp_path / "ref.json"
+    result = mlsidecar(
+        "reference", "build", str(data), "-o", str(out), "--model", "credit",
+        "--score-column", "score", "--exclude", "row_id",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    profile = json.loads(out.read_text())
+    assert (profile["model"], profile["rows"], profile["source"]) == ("credit", 1500, "file")
+    assert sorted(profile["features"]) == ["age", "income", "region"]
+    assert profile["features"]["age"]["missing"] == 30
+    assert profile["features"]["region"]["type"] == "categorical"
+    assert profile["scores"]["count"] == 1500
+    assert profile["id"] in result.stdout
+    assert "row_id" not in out.read_text()
+
+    good = config_file({"models": {"credit": {"reference": str(out)}}})
+    assert mlsidecar("config", "validate", str(good)).returncode == 0
+    wrong_model = config_file({"models": {"fraud": {"reference": str(out)}}})
+    refused = mlsidecar("config", "validate", str(wrong_model))
+    assert refused.returncode == 2
+    assert "models.fraud.reference" in refused.stderr
+
+
+def test_reference_build_names_a_missing_column_and_an_unknown_format(tmp_path):
+    data = write_training_csv(tmp_path / "train.csv", rows=10)
+    missing = mlsidecar(
+        "reference", "build", str(data), "-o", str(tmp_path / "r.json"), "--model", "m",
+        "--label-column", "predicted",
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert "'predicted'" in missing.stderr
+    other = tmp_path / "train.parquet"
+    other.write_bytes(b"PAR1")
+    unknown = mlsidecar(
+        "reference", "build", str(other), "-o", str(tmp_path / "r.json"), "--model", "m"
+    )
+    assert unknown.returncode == 2
+    assert ".csv or .jsonl" in unknown.stderr
+    assert not (tmp_path / "r.json").exists()
