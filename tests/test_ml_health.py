@@ -220,3 +220,38 @@ def test_forgetting_a_model_removes_its_stored_references(start_agent, tmp_path)
     response = httpx.delete(f"{harness.api_url}/v1/models/{MODEL}")
     assert response.json()["forgotten_references"] == 1
     assert not (tmp_path / "references" / MODEL).exists()
+
+
+def gauge_points(harness: AgentHarness, name: str) -> dict[tuple[tuple[str, Any], ...], float]:
+    data = harness.metric_reader.get_metrics_data()
+    assert data is not None
+    return {
+        tuple(sorted(point.attributes.items())): point.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    }
+
+
+def test_drift_and_health_are_exported_as_otel_gauges_matching_the_report(start_agent):
+    traffic = Traffic()
+    harness = start_agent(engine=ENGINE)
+    stub = harness.stub()
+    stub.SubmitPredictions(traffic.batch(1000))
+    stub.SubmitPredictions(traffic.batch(1000, shift=1.0))
+    rep = report(harness)
+
+    base = (("ml.model.name", MODEL), ("ml.model.version", "v1"))
+    psi = gauge_points(harness, "ml.feature.drift.psi")
+    assert psi == {
+        tuple(sorted((*base, ("ml.feature.name", name)))): feature["drift"]["psi"]
+        for name, feature in rep["features"].items()
+    }
+    drifted_gauge = gauge_points(harness, "ml.feature.drifted")
+    assert drifted_gauge[tuple(sorted((*base, ("ml.feature.name", "income"))))] == 1
+    assert gauge_points(harness, "ml.model.health.score") == {base: rep["health"]["score"]}
+    assert gauge_points(harness, "ml.dataset.drift.share") == {base: rep["dataset_drift"]["share"]}
+    # No outcomes joined yet: no performance series rather than NaN ones.
+    assert gauge_points(harness, "ml.model.performance") == {}

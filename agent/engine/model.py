@@ -171,6 +171,8 @@ class ModelSnapshot:
     segments: dict[str, float]
     labels: dict[str, float]
     outcome_labels: dict[str, float] = field(default_factory=dict)
+    # The ML health sections of the report (monitor.report), JSON-safe; None if not asked for.
+    health: dict[str, Any] | None = None
 
 
 class ModelState:
@@ -253,7 +255,8 @@ class ModelState:
         if cols.actual_labels is not None:
             self.outcome_labels.add_many(cols.actual_labels, 1.0)
 
-    def snapshot(self, now_unix_nano: int) -> ModelSnapshot:
+    def snapshot(self, now_unix_nano: int, *, with_health: bool = True) -> ModelSnapshot:
+        self._roll(now_unix_nano)
         totals = copy.deepcopy(self.totals)
         totals.end_unix_nano = now_unix_nano
         return ModelSnapshot(
@@ -264,6 +267,7 @@ class ModelState:
             dict(self.segments.counts),
             dict(self.labels.counts),
             dict(self.outcome_labels.counts),
+            json_safe(self._ml_sections(self.config.min_window_rows)) if with_health else None,
         )
 
     def report(self, now_unix_nano: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 from opentelemetry.sdk.metrics import Exemplar as OtelExemplar
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Gauge,
     Histogram,
     HistogramDataPoint,
     Metric,
@@ -51,6 +52,54 @@ OUTCOMES = ("ml.outcomes", "{outcome}", "Outcomes (ground truth) received.")
 CLASSES = ("ml.prediction.classes", "{prediction}", "Predictions per predicted class.")
 DURATION = ("ml.prediction.duration", "s", "Model prediction latency reported by the service.")
 SCORE = ("ml.prediction.score", "{score}", "Distribution of prediction scores / regression values.")
+# Gauges of the latest evaluation (the live window once complete, else the last closed one).
+FEATURE_PSI = (
+    "ml.feature.drift.psi",
+    "1",
+    "Population stability index of a feature against the reference.",
+)
+FEATURE_DRIFT = (
+    "ml.feature.drift.score",
+    "1",
+    "Drift score of a feature by its decision method (ml.drift.method).",
+)
+FEATURE_DRIFTED = (
+    "ml.feature.drifted",
+    "1",
+    "1 when the feature's drift method says it drifted, else 0.",
+)
+FEATURE_MISSING = (
+    "ml.feature.missing.ratio",
+    "1",
+    "Share of a feature's values missing in the evaluated window.",
+)
+DATASET_DRIFT = (
+    "ml.dataset.drift.share",
+    "1",
+    "Share of features that drifted in the evaluated window.",
+)
+PREDICTION_PSI = (
+    "ml.prediction.drift.psi",
+    "1",
+    "Population stability index of the scores against the reference.",
+)
+PERFORMANCE = (
+    "ml.model.performance",
+    "1",
+    "Model performance on joined outcomes, by metric (ml.metric).",
+)
+HEALTH = ("ml.model.health.score", "1", "Model health score, 0-100.")
+PERFORMANCE_METRICS = (
+    "accuracy",
+    "f1_macro",
+    "roc_auc",
+    "log_loss",
+    "brier",
+    "mae",
+    "rmse",
+    "mape",
+    "r2",
+)
 
 
 class EngineMetricsProducer:
@@ -87,7 +136,9 @@ class EngineMetricsProducer:
                 durations.append(_histogram_point(snap.totals.latency, base, start, now, 1e-3))
             if snap.totals.scores.count:
                 scores.append(_histogram_point(snap.totals.scores, base, start, now, 1.0))
+        gauges = self._health_gauges(snapshots, now)
         metrics = [
+            *gauges,
             _sum(PREDICTIONS, predictions),
             _sum(OUTCOMES, outcomes),
             _sum(CLASSES, classes),
@@ -95,6 +146,47 @@ class EngineMetricsProducer:
             _histogram(SCORE, scores),
         ]
         return [m for m in metrics if _has_points(m)]
+
+    def _health_gauges(self, snapshots: Sequence[ModelSnapshot], now: int) -> list[Metric]:
+        points: dict[tuple[str, str, str], list[NumberDataPoint]] = {}
+
+        def add(spec: tuple[str, str, str], attributes: dict[str, str], value: Any) -> None:
+            if isinstance(value, bool):
+                value = int(value)
+            if isinstance(value, int | float):
+                points.setdefault(spec, []).append(NumberDataPoint(attributes, 0, now, value))
+
+        for snap in snapshots:
+            health = snap.health
+            if not health:
+                continue
+            base = _model_attributes(snap)
+            add(HEALTH, base, health["health"]["score"])
+            add(DATASET_DRIFT, base, health["dataset_drift"]["share"])
+            prediction_drift = health["prediction"]["drift"]
+            if prediction_drift:
+                add(PREDICTION_PSI, base, prediction_drift["psi"])
+            for name, feature in health["features"].items():
+                attributes = {**base, "ml.feature.name": name}
+                drift = feature.get("drift")
+                if drift:
+                    add(FEATURE_PSI, attributes, drift["psi"])
+                    add(
+                        FEATURE_DRIFT,
+                        {**attributes, "ml.drift.method": drift["method"]},
+                        drift["score"],
+                    )
+                    add(FEATURE_DRIFTED, attributes, drift["drifted"])
+                quality = feature.get("quality")
+                if quality:
+                    add(FEATURE_MISSING, attributes, quality["missing_ratio"])
+            performance = health["performance"]
+            for metric in PERFORMANCE_METRICS:
+                add(PERFORMANCE, {**base, "ml.metric": metric}, performance.get(metric))
+        return [
+            Metric(name, description, unit, Gauge(series))
+            for (name, unit, description), series in points.items()
+        ]
 
     def merge(self, data: MetricsData) -> MetricsData:
         """``data`` with the engine's metrics appended as their own instrumentation scope."""
