@@ -181,8 +181,16 @@ class EngineSettings(Section):
     drift_share: float = Field(0.5, gt=0, le=1)
     # Per-method decision thresholds (docs/drift.md has the defaults).
     drift_thresholds: dict[DriftMethodName, float] = Field(default_factory=dict)
-    # Superseded references kept per model version.
+    # References kept per model version, the current one included.
     reference_history: int = Field(5, ge=1)
+
+    @field_validator("drift_thresholds")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for method, threshold in value.items():
+            if not math.isfinite(threshold) or threshold < 0:
+                raise ValueError(f"{method}: must be a finite number >= 0, got {threshold}")
+        return value
 
     @field_validator("latency_buckets_ms", "score_buckets")
     @classmethod

@@ -25,7 +25,7 @@ import numpy as np
 
 from agent.config import Settings
 from agent.engine import ReferenceProfile
-from agent.store.references import ReferenceStore
+from agent.store.references import ReferenceStore, ReferenceStoreError
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,10 @@ class References:
         from_file = self._files.get(model)
         if from_file is not None:
             return dataclasses.replace(from_file, version=version)
-        stored = self.store.latest(model, version)
-        if stored is None:
-            return None
         try:
-            return ReferenceProfile.from_dict(stored)
-        except ValueError as error:
+            stored = self.store.latest(model, version)
+            return None if stored is None else ReferenceProfile.from_dict(stored)
+        except (ValueError, ReferenceStoreError) as error:
             log.error("ignoring stored reference", extra={"model": model, "error": str(error)})
             return None
 

@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -175,6 +176,8 @@ def agent_settings() -> Any:
         ingest={"listen": "127.0.0.1:0", "max_rows_per_batch": 100_000},
         api={"listen": "127.0.0.1:0", "prometheus": True},
         telemetry={"otlp": False},
+        # References built during the run are written here, not into the working tree.
+        store={"data_dir": tempfile.mkdtemp(prefix="mlsidecar-bench-")},
         shutdown_timeout_s=5,
     )
 

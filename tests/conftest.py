@@ -29,7 +29,6 @@ from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
 from agent.app import Agent
 from agent.config import Settings
 
-
 # Child agents keep their state here, not in the working tree.
 SUBPROCESS_DATA_DIR = tempfile.mkdtemp(prefix="mlsidecar-children-")
 

@@ -255,3 +255,31 @@ def test_drift_and_health_are_exported_as_otel_gauges_matching_the_report(start_
     assert gauge_points(harness, "ml.dataset.drift.share") == {base: rep["dataset_drift"]["share"]}
     # No outcomes joined yet: no performance series rather than NaN ones.
     assert gauge_points(harness, "ml.model.performance") == {}
+
+
+def test_a_version_with_characters_outside_model_names_still_gets_a_reference(
+    start_agent, tmp_path
+):
+    harness = start_agent(engine=ENGINE, store={"data_dir": str(tmp_path)})
+    batch = Traffic().batch(1000)
+    batch.model_version = "v1+build/7"
+    assert harness.stub().SubmitPredictions(batch).accepted == 1000
+    rep = httpx.get(f"{harness.api_url}/v1/models/{MODEL}/health").json()
+    assert rep["reference"]["source"] == "warmup"
+    assert rep["version"] == "v1+build/7"
+
+
+def test_a_corrupt_stored_reference_is_skipped_not_fatal(start_agent, tmp_path):
+    harness = start_agent(engine=ENGINE, store={"data_dir": str(tmp_path)})
+    harness.stub().SubmitPredictions(Traffic().batch(1000))
+    harness.stop()
+    (saved,) = (tmp_path / "references" / MODEL / "v1").glob("*.json")
+    saved.write_text("{broken")
+    restarted = AgentHarness(
+        agent_settings(engine=ENGINE, store={"data_dir": str(tmp_path)})
+    ).start()
+    try:
+        assert restarted.stub().SubmitPredictions(Traffic(seed=2).batch(600)).accepted == 600
+        assert report(restarted)["warmup"] == {"rows": 600, "target": 1000}
+    finally:
+        restarted.stop()

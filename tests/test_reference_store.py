@@ -76,3 +76,30 @@ def test_no_temporary_files_are_left_behind(tmp_path):
     path = store.save("m", "v1", profile("a"))
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     assert json.loads(path.read_text())["id"] == "a"
+
+
+def test_versions_with_any_wire_character_are_stored_and_listed(tmp_path):
+    store = ReferenceStore(tmp_path)
+    for version in ("v1+build.7", "2024/01", "..", "ü", "_", "a_b"):
+        store.save("m", version, profile("a"))
+        assert store.latest("m", version)["id"] == "a"
+    assert sorted(v for _, v in store.models()) == sorted(
+        ["v1+build.7", "2024/01", "..", "ü", "_", "a_b"]
+    )
+    assert all(p.parent.parent == tmp_path / "m" for p in tmp_path.rglob("*.json"))
+
+
+def test_the_empty_version_and_a_version_named_underscore_are_kept_apart(tmp_path):
+    store = ReferenceStore(tmp_path)
+    store.save("m", "", profile("empty"))
+    store.save("m", "_", profile("underscore"))
+    assert store.latest("m", "")["id"] == "empty"
+    assert store.latest("m", "_")["id"] == "underscore"
+
+
+def test_saving_the_current_reference_again_does_not_push_out_history(tmp_path):
+    store = ReferenceStore(tmp_path, history=2)
+    store.save("m", "v1", profile("old"))
+    store.save("m", "v1", profile("new"))
+    store.save("m", "v1", profile("new"))
+    assert [p["id"] for p in store.history("m", "v1")] == ["new", "old"]

@@ -298,11 +298,7 @@ class ModelState:
         )
 
     def _ml_sections(self, min_rows: int) -> dict[str, Any]:
-        ml = self.monitor.report(
-            min_rows,
-            self.current.rows,
-            0 if self.previous is None else self.previous.rows,
-        )
+        ml = self.monitor.report(min_rows)
         features = ml.pop("features")
         for name, kind in self.features.items():
             features.setdefault(name, {}).setdefault("type", kind)

@@ -64,9 +64,11 @@ class MonitorConfig:
 class HealthWindow:
     """What one window (or the totals) counted: drift bins, quality, performance."""
 
-    __slots__ = ("bins", "label_bins", "performance", "quality", "score_bins")
+    __slots__ = ("binned_rows", "bins", "label_bins", "performance", "quality", "score_bins")
 
     def __init__(self, quality: QualityTally, config: MonitorConfig) -> None:
+        # Rows counted against the current reference: what drift is judged on.
+        self.binned_rows = 0
         self.bins: dict[str, Bins] = {}
         self.score_bins: NumericBins | None = None
         self.label_bins: CategoricalBins | None = None
@@ -117,6 +119,7 @@ class ModelMonitor:
             warmup=config.anomaly_warmup,
         )
         self.window_anomalies: dict[str, int] = {}
+        self.windows_closed = 0
         if reference is not None:
             self.set_reference(reference)
         elif config.warmup_rows > 0:
@@ -192,10 +195,11 @@ class ModelMonitor:
     # --- observation ------------------------------------------------------------------------
 
     def observe_predictions(self, cols: PredictionColumns) -> None:
+        # The batch that completes the warm-up is part of the reference: not judged against it.
+        ref = self.reference
         if self.warmup is not None:
             self._warm_up(cols)
         window = self.current
-        ref = self.reference
         counted: dict[str, ColumnCounts] = {}
         if ref is not None:
             for name, values in cols.numbers.items():
@@ -221,6 +225,7 @@ class ModelMonitor:
                 window.score_bins = _merge(window.score_bins, ref.scores.bin(cols.scores))
             if ref.labels is not None and cols.labels is not None:
                 window.label_bins = _merge(window.label_bins, ref.labels.bin(cols.labels))
+            window.binned_rows += cols.rows
         window.quality.observe(cols.rows, cols.numbers, cols.categories, counted=counted)
 
     def _warm_up(self, cols: PredictionColumns) -> None:
@@ -250,25 +255,29 @@ class ModelMonitor:
             self.window_anomalies = dict.fromkeys(flags.flagged_names(), 1)
         else:
             self.window_anomalies = {}
+        self.windows_closed += 1
         self.previous = self.current
         self.current = HealthWindow(QualityTally.empty_like(self.previous.quality), self.config)
 
+    @property
+    def anomalies_ready(self) -> bool:
+        return self.windows_closed > self.config.anomaly_warmup
+
     # --- report -----------------------------------------------------------------------------
 
-    def _evaluated(
-        self, min_rows: int, current_rows: int, previous_rows: int
-    ) -> tuple[str, HealthWindow] | None:
-        """The window drift is judged on: the live one once complete, else the last closed one."""
-        if current_rows >= min_rows:
+    def _evaluated(self, min_rows: int) -> tuple[str, HealthWindow] | None:
+        """The window drift is judged on: the live one once it holds ``min_rows`` rows counted
+        against the reference, else the last closed one if it does."""
+        if self.current.binned_rows >= min_rows:
             return "current", self.current
-        if self.previous is not None and previous_rows >= min_rows:
+        if self.previous is not None and self.previous.binned_rows >= min_rows:
             return "previous", self.previous
         return None
 
-    def report(self, min_rows: int, current_rows: int, previous_rows: int) -> dict[str, Any]:
+    def report(self, min_rows: int) -> dict[str, Any]:
         """The ML health sections of the model report (see docs/health-report.md)."""
         ref = self.reference
-        evaluated = self._evaluated(min_rows, current_rows, previous_rows)
+        evaluated = self._evaluated(min_rows)
         drift: dict[str, DriftResult] = {}
         prediction: dict[str, DriftResult] = {}
         if evaluated is not None and self._baseline is not None:
@@ -372,7 +381,11 @@ class ModelMonitor:
             if count
             else None,
             quality=quality["features"] or None,
-            anomalies=self.window_anomalies or None,
+            # Judged once the detectors are past their warm-up; before that, not evaluated.
+            anomalies={s: self.window_anomalies.get(s, 0) for s in ANOMALY_STREAMS}
+            if self.anomalies_ready
+            else None,
+            unknown_features=sorted(quality.get("unknown_features", {})),
             has_reference=self.reference is not None,
             outcomes=int(count) if isinstance(count, int | float) else None,
         )

@@ -19,8 +19,10 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 _SAFE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_ID = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 class ReferenceStoreError(Exception):
@@ -28,10 +30,20 @@ class ReferenceStoreError(Exception):
 
 
 def _checked(kind: str, value: str) -> str:
-    # Names become path components: refuse anything that could escape the store.
-    if not _SAFE.fullmatch(value) or value in {".", ".."}:
-        raise ValueError(f"{kind}: {value!r} is not a safe name ([A-Za-z0-9._-]{{1,128}})")
+    # Model names and ids become path components: refuse anything that could escape the store.
+    pattern = _ID if kind == "id" else _SAFE
+    if not pattern.fullmatch(value) or value in {".", ".."}:
+        raise ValueError(f"{kind}: {value!r} is not a safe name ({pattern.pattern})")
     return value
+
+
+def _version_dir(version: str) -> str:
+    """Versions may hold any character the wire allows: percent-encode all but the safe ones."""
+    if not version:
+        return "_"
+    # "_" is kept for the empty version, so a real "_" is encoded too.
+    encoded = quote(version, safe="-.").replace("_", "%5F")
+    return "%2E%2E" if encoded == ".." else ("%2E" if encoded == "." else encoded)
 
 
 class ReferenceStore:
@@ -45,11 +57,7 @@ class ReferenceStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, model: str, version: str) -> Path:
-        return (
-            self.root
-            / _checked("model", model)
-            / (_checked("version", version) if version else "_")
-        )
+        return self.root / _checked("model", model) / _version_dir(version)
 
     def _files(self, model: str, version: str) -> list[Path]:
         """Newest first: names start with a zero-padded sequence number."""
@@ -64,6 +72,8 @@ class ReferenceStore:
         directory = self._dir(model, version)
         directory.mkdir(parents=True, exist_ok=True)
         existing = self._files(model, version)
+        if existing and existing[0].name.endswith(f"-{reference_id}.json"):
+            return existing[0]  # the same reference again: history keeps distinct ones
         sequence = int(existing[0].name.split("-", 1)[0]) + 1 if existing else 1
         path = directory / f"{sequence:08d}-{reference_id}.json"
         data = json.dumps(profile, sort_keys=True, allow_nan=False).encode()
@@ -106,7 +116,7 @@ class ReferenceStore:
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
                 if any(version_dir.glob("*.json")):
-                    version = "" if version_dir.name == "_" else version_dir.name
+                    version = "" if version_dir.name == "_" else unquote(version_dir.name)
                     found.append((model_dir.name, version))
         return found
 

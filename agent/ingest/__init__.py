@@ -1,0 +1,1 @@
+"""Receivers: gRPC and HTTP ingest, validation, backpressure."""

@@ -1,0 +1,1 @@
+"""OpenTelemetry providers, exporters and the engine metrics producer."""
