@@ -397,7 +397,11 @@ def test_delete_forgets_every_version_of_a_model(shared):
         post(shared, "/v1/predictions", body)
     response = http.delete(shared.api_url + "/v1/models/forget-me")
     assert response.status_code == 200
-    assert response.json() == {"model": "forget-me", "forgotten_versions": ["v1", "v2"]}
+    assert response.json() == {
+        "model": "forget-me",
+        "forgotten_versions": ["v1", "v2"],
+        "forgotten_references": 0,
+    }
     assert models(shared, "forget-me") == []
     assert http.get(shared.api_url + "/v1/models/forget-me/health").status_code == 404
     response = http.delete(shared.api_url + "/v1/models/forget-me")
