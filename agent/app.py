@@ -29,8 +29,15 @@ from agent.config import Settings
 from agent.engine import Engine, ModelConfig, MonitorConfig, ReferenceProfile
 from agent.ingest.decode import Limits
 from agent.ingest.grpc_server import IngestServer
+from agent.ingest.join import OutcomeJoiner
 from agent.ingest.receiver import EventReceiver
 from agent.references import References
+from agent.store import (
+    AsyncPendingPredictions,
+    GroupCommitPendingPredictions,
+    OrphanOutcomes,
+    SqlitePendingPredictions,
+)
 from agent.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ class Agent:
         **exporters: Any,
     ) -> None:
         self.settings = settings
+        self._clock = clock
         self.references = References(settings)
         self.engine = Engine(
             model_config_resolver(settings),
@@ -113,6 +121,7 @@ class Agent:
             description="Model versions the agent tracks.",
         )
         ingest = settings.ingest
+        self.joiner = self._outcome_joiner(settings)
         self.receiver = EventReceiver(
             self.engine,
             Limits(ingest.max_rows_per_batch, ingest.max_features, ingest.max_message_bytes),
@@ -121,6 +130,7 @@ class Agent:
             clock=clock,
             dedup_window_s=ingest.dedup_window_s,
             dedup_max_batches=ingest.dedup_max_batches,
+            joiner=self.joiner,
         )
         self.ingest = IngestServer(ingest, self.receiver, self.engine)
         app = build_app(
@@ -131,6 +141,7 @@ class Agent:
             prometheus_registry=self.prometheus_registry,
             references=self.references,
             install_reference=self.install_reference,
+            forget_pending=None if self.joiner is None else self.joiner.forget,
             clock=clock,
         )
         self.api = AdminApi(
@@ -140,6 +151,37 @@ class Agent:
             meter_provider=self.telemetry.meter_provider,
         )
         self._started = False
+        self._expiry: asyncio.Task[None] | None = None
+        self._store_closed = False
+
+    def _outcome_joiner(self, settings: Settings) -> OutcomeJoiner | None:
+        store = settings.store
+        if not store.pending:
+            return None
+        store.data_dir.mkdir(parents=True, exist_ok=True)
+        pending = SqlitePendingPredictions(
+            store.data_dir / "pending.db",
+            ttl_s=store.pending_ttl_s,
+            max_pending=store.max_pending,
+            synchronous=store.synchronous,
+            max_db_bytes=store.max_db_bytes,
+        )
+        async_store = AsyncPendingPredictions(GroupCommitPendingPredictions(pending))
+        self.engine.pending_for = async_store.pending_count
+        return OutcomeJoiner(
+            self.engine,
+            async_store,
+            OrphanOutcomes(grace_s=store.orphan_grace_s, max_held=store.max_orphans),
+        )
+
+    async def _expire_periodically(self) -> None:
+        assert self.joiner is not None
+        while True:
+            await asyncio.sleep(self.settings.store.expire_interval_s)
+            try:
+                await self.joiner.expire(self._clock())
+            except Exception:
+                log.exception("expiring pending predictions failed")
 
     def install_reference(self, profile: ReferenceProfile) -> None:
         """Store ``profile`` durably, then judge its model version against it."""
@@ -172,10 +214,13 @@ class Agent:
             await self.api.start()
         except BaseException:
             await self.ingest.stop(0)
+            await self._close_store()
             # Nothing was accepted, so nothing needs flushing: do not wait on a Collector.
             self.telemetry.abort()
             self.telemetry.shutdown()
             raise
+        if self.joiner is not None:
+            self._expiry = asyncio.create_task(self._expire_periodically(), name="expire-pending")
         if self.telemetry.log_handler is not None:
             logging.getLogger().addHandler(self.telemetry.log_handler)
         self._started = True
@@ -201,6 +246,8 @@ class Agent:
         grace = max(self.settings.shutdown_timeout_s * 2 / 3, 0.1)
         await self.ingest.stop(grace)
         await self.api.stop()
+        # Every acknowledged batch is in the store already; closing checkpoints the WAL.
+        await self._close_store()
         remaining = max(deadline - time.monotonic(), 0.1)
         try:
             await asyncio.wait_for(asyncio.to_thread(self.telemetry.shutdown), remaining)
@@ -210,6 +257,14 @@ class Agent:
             # the process (asyncio.run joins that thread) exits within the deadline.
             self.telemetry.abort()
         log.info("mlsidecar stopped")
+
+    async def _close_store(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.joiner is not None and not self._store_closed:
+            self._store_closed = True
+            await self.joiner.store.close()
 
     async def run_until_signalled(self) -> None:
         """Start, then stop gracefully on SIGTERM or SIGINT."""

@@ -233,6 +233,21 @@ class StoreSettings(Section):
     """Durable state: references (and pending predictions) under ``data_dir``."""
 
     data_dir: Path = Path("data")
+    # Keep predictions pending (data_dir/pending.db) so outcomes can join them by id.
+    pending: bool = True
+    # A prediction with no outcome after this long is dropped and counted as unmatched.
+    pending_ttl_s: float = Field(7 * 86400.0, gt=0)
+    # At most this many pending predictions; the oldest are evicted (unmatched) beyond it.
+    max_pending: int = Field(1_000_000, ge=1)
+    # SQLite synchronous mode: NORMAL survives kill -9 (not power loss); FULL survives both.
+    synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+    # Refuse new predictions (RESOURCE_EXHAUSTED) once the file reaches this size.
+    max_db_bytes: int | None = Field(None, ge=65536)
+    # How often expired predictions and orphaned outcomes are counted.
+    expire_interval_s: float = Field(10.0, gt=0)
+    # An outcome whose prediction is not pending is held this long in case it is in flight.
+    orphan_grace_s: float = Field(60.0, ge=0)
+    max_orphans: int = Field(50_000, ge=0)
 
 
 class LoggingSettings(Section):

@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -71,6 +71,7 @@ def build_app(
     prometheus_registry: CollectorRegistry | None = None,
     references: References | None = None,
     install_reference: Callable[[ReferenceProfile], None] | None = None,
+    forget_pending: Callable[[str], Awaitable[int]] | None = None,
     clock: Callable[[], int] = time.time_ns,
 ) -> FastAPI:
     app = FastAPI(
@@ -155,13 +156,15 @@ def build_app(
         references_removed = 0
         if references is not None:
             references_removed = await asyncio.to_thread(references.store.forget, model)
-        if not removed and not references_removed:
+        pending_removed = 0 if forget_pending is None else await forget_pending(model)
+        if not removed and not references_removed and not pending_removed:
             return _error(404, "NOT_FOUND", "unknown_model", f"model {model!r} is not tracked")
         return JSONResponse(
             {
                 "model": model,
                 "forgotten_versions": removed,
                 "forgotten_references": references_removed,
+                "forgotten_pending": pending_removed,
             }
         )
 
@@ -243,7 +246,7 @@ def build_app(
                 )
                 receiver.reject(method, rejected)
                 raise rejected from None
-            ack = accept(message, method=method)
+            ack = await accept(message, method=method)
         except Rejected as error:
             return _error(HTTP_STATUS[error.code], error.code.value, error.reason, error.message)
         return JSONResponse({"accepted": ack.accepted, "duplicate": ack.duplicate})

@@ -43,6 +43,8 @@ class Engine:
         ``on_reference`` is told of each reference built from warm-up traffic (to persist it).
         """
         self._config_for = config_for
+        # Pending predictions per (model, version), from the join store when there is one.
+        self.pending_for: Callable[[str, str], int] | None = None
         self._reference_for = reference_for
         self._on_reference = on_reference
         self._max_models = max_models
@@ -99,13 +101,21 @@ class Engine:
         """Outcomes with no known prediction (orphaned); predictions never joined (unmatched)."""
         with self._lock:
             state = self._states.get((model, version))
+            if state is None:  # e.g. an outcome batch without a version: the latest one
+                latest = self._latest_version.get(model)
+                state = None if latest is None else self._states.get((model, latest))
             if state is not None:
                 state.monitor.orphaned += orphaned
                 state.monitor.unmatched += unmatched
 
     def observe_outcomes(self, cols: OutcomeColumns) -> None:
         with self._lock:
-            self._state(cols.model, cols.version, cols.received_unix_nano).observe_outcomes(cols)
+            version = cols.version
+            if not version:
+                # Outcomes often carry no version: count them with the model's latest one
+                # rather than inventing a "" version (their joins go by the prediction's).
+                version = self._latest_version.get(cols.model, "")
+            self._state(cols.model, version, cols.received_unix_nano).observe_outcomes(cols)
 
     def models(self) -> list[dict[str, object]]:
         with self._lock:
@@ -137,7 +147,10 @@ class Engine:
                 if version is None:
                     return None
             state = self._states.get((model, version))
-            return None if state is None else state.report(self._clock())
+            report = None if state is None else state.report(self._clock())
+        if report is not None and self.pending_for is not None:
+            report["outcomes"]["pending"] = self.pending_for(model, version)
+        return report
 
     def snapshots(self) -> list[ModelSnapshot]:
         with self._lock:

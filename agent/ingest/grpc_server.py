@@ -63,14 +63,14 @@ class IngestServicer:
         self._receiver = receiver
         self._engine = engine
 
-    def _accept_event(self, raw: bytes, method: str) -> Ack:
+    async def _accept_event(self, raw: bytes, method: str) -> Ack:
         self._receiver.admit(len(raw), method)
         event = self._parse_counted(pb.EventBatch, raw, method)
         which = event.WhichOneof("batch")
         if which == "predictions":
-            return self._receiver.accept_predictions(event.predictions, method=method)
+            return await self._receiver.accept_predictions(event.predictions, method=method)
         if which == "outcomes":
-            return self._receiver.accept_outcomes(event.outcomes, method=method)
+            return await self._receiver.accept_outcomes(event.outcomes, method=method)
         error = Rejected("empty_event", "batch: set predictions or outcomes")
         self._receiver.reject(method, error)
         raise error
@@ -80,12 +80,12 @@ class IngestServicer:
         raw: bytes,
         context: grpc.aio.ServicerContext,
         message_type: type[Message],
-        accept: Callable[..., Ack],
+        accept: Callable[..., Awaitable[Ack]],
         method: str,
     ) -> Any:
         try:
             self._receiver.admit(len(raw), method)
-            ack = accept(self._parse_counted(message_type, raw, method), method=method)
+            ack = await accept(self._parse_counted(message_type, raw, method), method=method)
         except Rejected as error:
             await context.abort(STATUS[error.code], error.message)
         return pb.SubmitResponse(accepted=ack.accepted, duplicate=ack.duplicate)
@@ -105,7 +105,7 @@ class IngestServicer:
     ) -> AsyncIterator[Any]:
         async for raw in requests:
             try:
-                ack = self._accept_event(raw, "StreamEvents")
+                ack = await self._accept_event(raw, "StreamEvents")
             except Rejected as error:
                 yield pb.SubmitResponse(
                     error=pb.Error(code=STATUS[error.code].value[0], message=error.message)

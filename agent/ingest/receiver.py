@@ -27,6 +27,8 @@ from agent.ingest.decode import (
     decode_outcomes,
     decode_predictions,
 )
+from agent.ingest.join import OutcomeJoiner
+from agent.store import StoreError, StoreFullError
 
 MAX_SPAN_LINKS = 8
 # kind, model, model version, batch_id
@@ -91,7 +93,9 @@ class EventReceiver:
         clock: Callable[[], int],
         dedup_window_s: float = 600.0,
         dedup_max_batches: int = 100_000,
+        joiner: OutcomeJoiner | None = None,
     ) -> None:
+        self._joiner = joiner
         self._engine = engine
         self._limits = limits
         self._tracer = tracer
@@ -142,11 +146,11 @@ class EventReceiver:
             self.reject(method, error)
             raise
 
-    def accept_predictions(self, batch: pb.PredictionBatch, *, method: str) -> Ack:
-        return self._accept("prediction", batch, method)
+    async def accept_predictions(self, batch: pb.PredictionBatch, *, method: str) -> Ack:
+        return await self._accept("prediction", batch, method)
 
-    def accept_outcomes(self, batch: pb.OutcomeBatch, *, method: str) -> Ack:
-        return self._accept("outcome", batch, method)
+    async def accept_outcomes(self, batch: pb.OutcomeBatch, *, method: str) -> Ack:
+        return await self._accept("outcome", batch, method)
 
     def reject(self, method: str, error: Rejected) -> None:
         """Count a rejection decided outside ``_accept`` (e.g. an unparsable message)."""
@@ -154,7 +158,9 @@ class EventReceiver:
             1, {"rpc.method": method, "mlsidecar.result": "rejected", "error.type": error.reason}
         )
 
-    def _accept(self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch, method: str) -> Ack:
+    async def _accept(
+        self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch, method: str
+    ) -> Ack:
         started = time.perf_counter()
         if method.startswith("http:"):
             # FastAPI's instrumentation already made the HTTP SERVER span; this one is inside it.
@@ -177,7 +183,7 @@ class EventReceiver:
             set_status_on_exception=False,
         ) as span:
             try:
-                ack, cols = self._process(kind, batch)
+                ack, cols = await self._process(kind, batch)
             except Rejected as error:
                 span.set_status(Status(StatusCode.ERROR, error.message))
                 span.set_attribute("error.type", error.reason)
@@ -195,27 +201,51 @@ class EventReceiver:
         self._duration.record(time.perf_counter() - started, {"rpc.method": method})
         return ack
 
-    def _process(
+    async def _process(
         self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch
     ) -> tuple[Ack, PredictionColumns | None]:
-        """The ack, and the decoded predictions (None for outcomes and duplicates)."""
+        """The ack, and the decoded predictions (None for outcomes and duplicates).
+
+        A prediction batch is in the pending store before it is counted or acknowledged,
+        and its batch_id is remembered only then: a batch whose store write failed is
+        retried in full, not acknowledged as a duplicate.
+        """
         key = (kind, batch.model, batch.model_version, batch.batch_id)
         rows = self._dedup.seen(key)
         if rows is not None:
             return Ack(rows, duplicate=True), None
         now = self._clock()
         cols = None
+        joiner = self._joiner
         try:
             if isinstance(batch, pb.PredictionBatch):
                 cols = decode_predictions(batch, self._limits, received_unix_nano=now)
+                if joiner is not None:
+                    await joiner.keep_pending(cols)
                 self._engine.observe_predictions(cols)
+                if joiner is not None:
+                    await joiner.release_held(cols)
                 rows = cols.rows
             else:
                 outcomes = decode_outcomes(batch, self._limits, received_unix_nano=now)
                 self._engine.observe_outcomes(outcomes)
+                if joiner is not None:
+                    await joiner.join(outcomes)
                 rows = outcomes.rows
         except ModelLimitError as error:
             raise Rejected("too_many_models", str(error)) from None
+        except StoreFullError as error:
+            raise Rejected(
+                "store_full",
+                f"the pending-prediction store is full ({error}); retry later",
+                RejectCode.BUSY,
+            ) from None
+        except StoreError as error:
+            raise Rejected(
+                "store_unavailable",
+                f"the pending-prediction store failed: {error}",
+                RejectCode.UNAVAILABLE,
+            ) from None
         self._dedup.remember(key, rows)
         return Ack(rows), cols
 
