@@ -188,7 +188,13 @@ def _summary_line(report: dict[str, Any] | None, elapsed: float) -> str:
         f"[{elapsed:6.0f}s] {report['model']}@{report['version']}: "
         f"{totals['rows']} predictions, {totals['outcomes']} outcomes | window: "
         f"{window['count']} rows, latency p50 {fmt(latency.get('p50'))} ms "
-        f"p99 {fmt(latency.get('p99'))} ms, mean score {fmt(score.get('mean'))}"
+        f"p99 {fmt(latency.get('p99'))} ms, mean score {fmt(score.get('mean'))} | "
+        f"reference {'yes' if report.get('reference') else 'warming up'}, "
+        f"drifted share {fmt((report.get('dataset_drift') or {}).get('share'))}, "
+        f"accuracy {fmt((report.get('performance') or {}).get('accuracy'))}, "
+        f"joined {(report.get('outcomes') or {}).get('joined', 0)} | "
+        f"health {(report.get('health') or {}).get('score')} "
+        f"({(report.get('health') or {}).get('status')})"
     )
 
 
