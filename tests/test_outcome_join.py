@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -139,3 +140,22 @@ def test_acknowledged_predictions_join_after_the_agent_is_killed_with_sigkill(
     rep = report(second.api_url)
     assert rep["outcomes"]["joined"] == len(acked) == 2000
     assert rep["outcomes"]["pending"] == 1
+
+
+def test_copies_of_a_batch_sent_at_once_are_stored_and_counted_once(start_agent):
+    """A client that times out and retries can have two copies in flight at the same time."""
+    harness = start_agent(engine=ENGINE)
+    batch, _ = predictions([f"c{i}" for i in range(500)])
+    batch.batch_id = "retry-me"
+
+    async def send_copies() -> list[pb.SubmitResponse]:
+        async with grpc.aio.insecure_channel(harness.ingest_target) as channel:
+            stub = pb_grpc.IngestStub(channel)
+            return list(await asyncio.gather(*(stub.SubmitPredictions(batch) for _ in range(8))))
+
+    acks = asyncio.run(send_copies())
+    assert [a.accepted for a in acks] == [500] * 8
+    assert sorted(a.duplicate for a in acks) == [False] + [True] * 7
+    rep = report(harness.api_url)
+    assert rep["totals"]["rows"] == 500
+    assert rep["outcomes"]["pending"] == 500

@@ -8,6 +8,7 @@ ack = receiver.accept_predictions(pb.PredictionBatch.FromString(raw), method="Su
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -101,6 +102,7 @@ class EventReceiver:
         self._tracer = tracer
         self._clock = clock
         self._dedup = BatchDeduplicator(int(dedup_window_s * 1e9), dedup_max_batches, clock)
+        self._in_flight: dict[DedupKey, asyncio.Future[None]] = {}
         self.draining = False
         self._batches = meter.create_counter(
             "mlsidecar.ingest.batches",
@@ -214,6 +216,24 @@ class EventReceiver:
         rows = self._dedup.seen(key)
         if rows is not None:
             return Ack(rows, duplicate=True), None
+        if batch.batch_id:
+            # A retry that arrives while the first copy is still being stored waits for it.
+            while (first := self._in_flight.get(key)) is not None:
+                await asyncio.shield(first)
+                rows = self._dedup.seen(key)
+                if rows is not None:
+                    return Ack(rows, duplicate=True), None
+            done = self._in_flight[key] = asyncio.get_running_loop().create_future()
+            try:
+                return await self._process_new(kind, batch, key)
+            finally:
+                del self._in_flight[key]
+                done.set_result(None)
+        return await self._process_new(kind, batch, key)
+
+    async def _process_new(
+        self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch, key: DedupKey
+    ) -> tuple[Ack, PredictionColumns | None]:
         now = self._clock()
         cols = None
         joiner = self._joiner
