@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -219,9 +220,8 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig_name in ("SIGINT", "SIGTERM"):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(getattr(__import__("signal"), sig_name), stop.set)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     traffic = SyntheticTraffic(f"127.0.0.1:{agent.ingest.port}", rate=args.rate)
     sender = asyncio.create_task(traffic.run(stop))
     started = time.monotonic()

@@ -31,9 +31,9 @@ def node_client() -> list[str]:
     """``node client.js``, after ``npm install`` if node_modules is missing or stale."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("Node.js and npm are needed for the Node client test (Node >= 18)")
+        pytest.fail("Node.js and npm are needed (make test runs `npx buf` too): install Node >= 18")
     if _node_major(node) < 18:
-        pytest.skip("the Node client test needs Node >= 18")
+        pytest.fail("the Node client test needs Node >= 18")
     installed = NODE_CLIENT / "node_modules" / ".package-lock.json"
     manifests = [NODE_CLIENT / "package.json", NODE_CLIENT / "package-lock.json"]
     if not installed.exists() or any(

@@ -368,28 +368,22 @@ def _add_event_features(
     limits: Limits,
 ) -> None:
     """Put one event's features into the columns, which grow a feature at a time."""
-    for name, value in event.numbers.items():
-        if name in categories:
-            raise Rejected(
-                "invalid_feature",
-                f"events[{row}].numbers[{name!r}]: feature is categorical in other rows",
-            )
-        column = numbers.get(name)
-        if column is None:
-            _check_feature_room(row, len(numbers) + len(categories), limits)
-            column = numbers[name] = np.full(n, np.nan)
-        column[row] = value
-    for name, text in event.categories.items():
-        if name in numbers:
-            raise Rejected(
-                "invalid_feature",
-                f"events[{row}].categories[{name!r}]: feature is numeric in other rows",
-            )
-        cats = categories.get(name)
-        if cats is None:
-            _check_feature_room(row, len(numbers) + len(categories), limits)
-            cats = categories[name] = [""] * n
-        cats[row] = text
+    kinds: tuple[tuple[str, Any, dict[str, Any], dict[str, Any], str, Any], ...] = (
+        ("numbers", event.numbers, numbers, categories, "categorical", lambda: np.full(n, np.nan)),
+        ("categories", event.categories, categories, numbers, "numeric", lambda: [""] * n),
+    )
+    for field, values, own, other, other_kind, new_column in kinds:
+        for name, value in values.items():
+            if name in other:
+                raise Rejected(
+                    "invalid_feature",
+                    f"events[{row}].{field}[{name!r}]: feature is {other_kind} in other rows",
+                )
+            column = own.get(name)
+            if column is None:
+                _check_feature_room(row, len(numbers) + len(categories), limits)
+                column = own[name] = new_column()
+            column[row] = value
 
 
 def _optional_event_floats(events: Sequence[Any], field: str) -> np.ndarray | None:
