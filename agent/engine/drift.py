@@ -354,6 +354,21 @@ class _Stack:
             m: np.array([x == m for x in self.methods], dtype=bool) for m in DRIFT_METHODS
         }
 
+    def _selected(
+        self, present: list[int], counts: list[npt.NDArray[np.int64]]
+    ) -> tuple[npt.NDArray[np.intp] | slice, npt.NDArray[np.bool_] | None, Any, Any] | None:
+        """Rows to evaluate (features sent, with values), the mask applied to ``present``
+        (None when every feature is kept), their stacked current counts and row totals."""
+        cur = _stacked(counts, self.width) if self.uniform else _padded(counts, self.width)
+        m = cur.sum(1).astype(np.float64)
+        keep = m > 0
+        if len(present) == len(self.names) and keep.all():
+            return slice(None), None, cur, m
+        chosen = np.array(present, dtype=np.intp)[keep]
+        if chosen.size == 0:
+            return None
+        return chosen, keep, cur[keep], m[keep]
+
     def _results(
         self,
         rows: npt.NDArray[np.intp] | slice,
@@ -454,21 +469,17 @@ class _NumericStack(_Stack):
             tails.append((bins.below_sum, bins.above_sum))
         if not present:
             return {}
-        cur = _stacked(psi_counts, self.width) if self.uniform else _padded(psi_counts, self.width)
+        selected = self._selected(present, psi_counts)
+        if selected is None:
+            return {}
+        rows, keep, cur, m = selected
         cdf = (
             _stacked(cdf_counts, self.cdf_width)
             if self.cdf_uniform
             else _padded_before_last(cdf_counts, self.cdf_width)
         )
-        m = cur.sum(1).astype(np.float64)
-        keep = m > 0
-        rows: npt.NDArray[np.intp] | slice = slice(None)
-        if len(present) < len(self.names) or not keep.all():
-            chosen = np.array(present, dtype=np.intp)[keep]
-            if chosen.size == 0:
-                return {}
-            rows = chosen
-            cur, cdf, m = cur[keep], cdf[keep], m[keep]
+        if keep is not None:
+            cdf = cdf[keep]
             tails = [t for t, k in zip(tails, keep.tolist(), strict=True) if k]
         n = self.n[rows]
         psi_values, psi_p, score, p_value = self._psi(rows, cur, m)
@@ -542,16 +553,10 @@ class _CategoricalStack(_Stack):
             counts.append(bins.counts)
         if not present:
             return {}
-        cur = _stacked(counts, self.width) if self.uniform else _padded(counts, self.width)
-        m = cur.sum(1).astype(np.float64)
-        keep = m > 0
-        rows: npt.NDArray[np.intp] | slice = slice(None)
-        if len(present) < len(self.names) or not keep.all():
-            chosen = np.array(present, dtype=np.intp)[keep]
-            if chosen.size == 0:
-                return {}
-            rows = chosen
-            cur, m = cur[keep], m[keep]
+        selected = self._selected(present, counts)
+        if selected is None:
+            return {}
+        rows, _, cur, m = selected
         n = self.n[rows]
         psi_values, psi_p, score, p_value = self._psi(rows, cur, m)
         methods = self.wanted

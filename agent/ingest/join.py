@@ -36,7 +36,7 @@ class OutcomeJoiner:
 
     async def release_held(self, cols: PredictionColumns) -> None:
         """Outcomes held because their prediction had not arrived: join them now."""
-        late = self.orphans.match(cols.model, list(cols.ids))
+        late = self.orphans.match(cols.model, cols.ids)  # no copy: usually nothing is held
         if late.rows == 0:
             return
         joined = await self.store.take(late.model, late.ids)
