@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.engine.columns import FloatArray
 
@@ -34,7 +35,19 @@ class Exemplar:
 class FixedHistogram:
     """Counts, sum, min and max of a numeric column over fixed bucket bounds."""
 
-    __slots__ = ("bounds", "count", "counts", "exemplars", "max", "min", "nonfinite_count", "sum")
+    __slots__ = (
+        "_ex_span",
+        "_ex_time",
+        "_ex_trace",
+        "_ex_value",
+        "bounds",
+        "count",
+        "counts",
+        "max",
+        "min",
+        "nonfinite_count",
+        "sum",
+    )
 
     def __init__(self, bounds: Sequence[float]) -> None:
         if not all(math.isfinite(b) for b in bounds):
@@ -48,7 +61,30 @@ class FixedHistogram:
         self.sum = 0.0
         self.min = math.inf
         self.max = -math.inf
-        self.exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
+        self._no_exemplars()
+
+    def _no_exemplars(self) -> None:
+        # Per bucket, its exemplar's fields (trace None: no exemplar), kept as arrays so
+        # that a batch updates every bucket in a few vector operations.
+        n = self.counts.size
+        self._ex_value = np.zeros(n)
+        self._ex_time = np.zeros(n, dtype=np.int64)
+        self._ex_trace = np.full(n, None, dtype=object)
+        self._ex_span = np.full(n, None, dtype=object)
+
+    @property
+    def exemplars(self) -> list[Exemplar | None]:
+        """Per bucket, the newest traced row counted in it (None if none)."""
+        return [
+            None if trace is None else Exemplar(value, time, trace, span)
+            for value, time, trace, span in zip(
+                self._ex_value.tolist(),
+                self._ex_time.tolist(),
+                self._ex_trace.tolist(),
+                self._ex_span.tolist(),
+                strict=True,
+            )
+        ]
 
     @classmethod
     def empty_like(cls, other: FixedHistogram) -> FixedHistogram:
@@ -61,7 +97,7 @@ class FixedHistogram:
         h.sum = 0.0
         h.min = math.inf
         h.max = -math.inf
-        h.exemplars = [None] * other.counts.size
+        h._no_exemplars()
         return h
 
     def add(
@@ -111,14 +147,19 @@ class FixedHistogram:
         np.maximum.at(last, idx, np.arange(idx.size, dtype=np.intp))
         buckets = np.flatnonzero(last >= 0)
         positions = last[buckets]
-        originals = positions if rows is None else rows[positions]
-        for bucket, value, row in zip(
-            buckets.tolist(), values[positions].tolist(), originals.tolist(), strict=True
-        ):
-            trace_id = trace_ids[row]
-            if trace_id:
-                span_id = span_ids[row] if span_ids else b""
-                self.exemplars[bucket] = Exemplar(value, time_unix_nano, trace_id, span_id)
+        originals = (positions if rows is None else rows[positions]).tolist()
+        traces = [trace_ids[row] for row in originals]
+        spans = [span_ids[row] for row in originals] if span_ids else [b""] * len(originals)
+        traced = [bool(t) for t in traces]
+        if not all(traced):
+            keep = np.array(traced)
+            buckets, positions = buckets[keep], positions[keep]
+            traces = [t for t, k in zip(traces, traced, strict=True) if k]
+            spans = [s for s, k in zip(spans, traced, strict=True) if k]
+        self._ex_value[buckets] = values[positions]
+        self._ex_time[buckets] = time_unix_nano
+        self._ex_trace[buckets] = _objects(traces)
+        self._ex_span[buckets] = _objects(spans)
 
     def merge(self, other: FixedHistogram) -> None:
         """Add ``other``'s counts; its exemplars replace this one's (it is the newer)."""
@@ -132,9 +173,12 @@ class FixedHistogram:
             self.min = other.min
         if other.max > self.max:
             self.max = other.max
-        for i, ex in enumerate(other.exemplars):
-            if ex is not None:
-                self.exemplars[i] = ex
+        newer = other._ex_trace != None  # noqa: E711 (elementwise, on an object array)
+        if newer.any():
+            self._ex_value[newer] = other._ex_value[newer]
+            self._ex_time[newer] = other._ex_time[newer]
+            self._ex_trace[newer] = other._ex_trace[newer]
+            self._ex_span[newer] = other._ex_span[newer]
 
     def mean(self) -> float | None:
         return self.sum / self.count if self.count else None
@@ -178,3 +222,10 @@ class FixedHistogram:
             "p99": self.quantile(0.99),
             "max": self.max if self.count else None,
         }
+
+
+def _objects(items: list[bytes]) -> npt.NDArray[np.object_]:
+    """A 1-D object array of ``items`` (np.array would make a bytes array of them)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out

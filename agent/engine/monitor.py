@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from agent.engine.anomaly import EwmaBank
+from agent.engine.binning import NumericBlock, NumericTally
 from agent.engine.columns import PredictionColumns
 from agent.engine.drift import DriftBaseline, DriftMethod, DriftResult, dataset_drift
 from agent.engine.health import HealthAssessment, HealthInputs, HealthPolicy, score_health
 from agent.engine.performance import JoinedPairs, PerformanceTally
-from agent.engine.quality import ColumnCounts, QualityTally
+from agent.engine.quality import ColumnCounts, NumericCounts, QualityTally
 from agent.engine.reference import (
     CategoricalBins,
     CategoricalProfile,
@@ -64,12 +65,23 @@ class MonitorConfig:
 class HealthWindow:
     """What one window (or the totals) counted: drift bins, quality, performance."""
 
-    __slots__ = ("binned_rows", "bins", "label_bins", "performance", "quality", "score_bins")
+    __slots__ = (
+        "binned_rows",
+        "categorical",
+        "label_bins",
+        "numeric",
+        "performance",
+        "quality",
+        "score_bins",
+    )
 
-    def __init__(self, quality: QualityTally, config: MonitorConfig) -> None:
+    def __init__(
+        self, quality: QualityTally, config: MonitorConfig, block: NumericBlock | None = None
+    ) -> None:
         # Rows counted against the current reference: what drift is judged on.
         self.binned_rows = 0
-        self.bins: dict[str, Bins] = {}
+        self.numeric = None if block is None else NumericTally(block)
+        self.categorical: dict[str, CategoricalBins] = {}
         self.score_bins: NumericBins | None = None
         self.label_bins: CategoricalBins | None = None
         self.quality = quality
@@ -79,9 +91,12 @@ class HealthWindow:
             max_segments=config.max_segments,
         )
 
-    def add_bins(self, name: str, bins: Bins) -> None:
-        old = self.bins.get(name)
-        self.bins[name] = bins if old is None else old.merged(bins)  # type: ignore[arg-type]
+    @property
+    def bins(self) -> dict[str, Bins]:
+        """Every feature's counts in its reference bins (built on demand: reports only)."""
+        out: dict[str, Bins] = {} if self.numeric is None else dict(self.numeric.bins())
+        out.update(self.categorical)
+        return out
 
 
 def _merge(old: Any, new: Any) -> Any:
@@ -102,6 +117,8 @@ class ModelMonitor:
         self.version = version
         self.config = config
         self.reference: ReferenceProfile | None = None
+        # The reference's numeric features, binned together (see agent.engine.binning).
+        self._block: NumericBlock | None = None
         self._baseline: DriftBaseline | None = None
         self._prediction_baseline: DriftBaseline | None = None
         self.warmup: ReferenceBuilder | None = None
@@ -131,7 +148,7 @@ class ModelMonitor:
                 cdf_bins=config.cdf_bins,
                 top_k=config.top_k,
             )
-        self.current = HealthWindow(self._quality(), config)
+        self.current = HealthWindow(self._quality(), config, self._block)
         self.previous: HealthWindow | None = None
 
     def _performance(self) -> PerformanceTally:
@@ -186,10 +203,12 @@ class ModelMonitor:
             else None
         )
         self.reference = reference
+        numeric = {n: p for n, p in reference.features.items() if isinstance(p, NumericProfile)}
+        self._block = NumericBlock(numeric) if numeric else None
         self.warmup = None
         if hasattr(self, "current"):
             performance = self.current.performance
-            self.current = HealthWindow(self._quality(), self.config)
+            self.current = HealthWindow(self._quality(), self.config, self._block)
             self.current.performance = performance  # outcomes do not depend on the reference
 
     # --- observation ------------------------------------------------------------------------
@@ -201,22 +220,15 @@ class ModelMonitor:
             self._warm_up(cols)
         window = self.current
         counted: dict[str, ColumnCounts] = {}
+        numeric: NumericCounts | None = None
         if ref is not None:
-            for name, values in cols.numbers.items():
-                profile = ref.features.get(name)
-                if isinstance(profile, NumericProfile):
-                    bins = profile.bin(values)
-                    window.add_bins(name, bins)
-                    counted[name] = ColumnCounts(
-                        missing=bins.missing,
-                        nonfinite=bins.nonfinite,
-                        out_of_range=bins.out_of_range,
-                    )
+            if window.numeric is not None and cols.numbers:
+                numeric = window.numeric.observe(cols.numbers, cols.rows)
             for name, labels in cols.categories.items():
                 profile = ref.features.get(name)
                 if isinstance(profile, CategoricalProfile):
                     cbins = profile.bin(labels)
-                    window.add_bins(name, cbins)
+                    window.categorical[name] = _merge(window.categorical.get(name), cbins)
                     complete_vocabulary = int(profile.counts[-1]) == 0
                     counted[name] = ColumnCounts(
                         missing=cbins.missing, unseen=cbins.unseen if complete_vocabulary else 0
@@ -226,7 +238,9 @@ class ModelMonitor:
             if ref.labels is not None and cols.labels is not None:
                 window.label_bins = _merge(window.label_bins, ref.labels.bin(cols.labels))
             window.binned_rows += cols.rows
-        window.quality.observe(cols.rows, cols.numbers, cols.categories, counted=counted)
+        window.quality.observe(
+            cols.rows, cols.numbers, cols.categories, counted=counted, numeric=numeric
+        )
 
     def _warm_up(self, cols: PredictionColumns) -> None:
         assert self.warmup is not None
@@ -257,7 +271,9 @@ class ModelMonitor:
             self.window_anomalies = {}
         self.windows_closed += 1
         self.previous = self.current
-        self.current = HealthWindow(QualityTally.empty_like(self.previous.quality), self.config)
+        self.current = HealthWindow(
+            QualityTally.empty_like(self.previous.quality), self.config, self._block
+        )
 
     @property
     def anomalies_ready(self) -> bool:

@@ -17,11 +17,11 @@ import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from agent.engine.columns import FloatArray
+from agent.engine.columns import FloatArray, IntArray
 
 FeatureKind = Literal["numeric", "categorical"]
 FEATURE_KINDS: frozenset[str] = frozenset({"numeric", "categorical"})
@@ -30,6 +30,15 @@ _NO_LOW = float(np.finfo(np.float64).min)
 _NO_HIGH = float(np.finfo(np.float64).max)
 # Column layouts remembered at once; batches of one model almost always share one layout.
 _MAX_PLANS = 16
+
+
+class NumericCounts(NamedTuple):
+    """Quality counts of a batch's numeric columns, counted by the caller: one entry per name."""
+
+    names: tuple[str, ...]
+    missing: IntArray
+    nonfinite: IntArray
+    out_of_range: IntArray
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +150,16 @@ class _Plan:
     unknown: list[str] = field(default_factory=list)
     # Columns not itemised: unknown features past max_unknown_features, or features past max_features.
     over_limit: int = 0
+    # Per layout of handed-over NumericCounts: each numeric column's position in it, or -1.
+    positions: dict[tuple[str, ...], IntArray] = field(default_factory=dict)
+
+    def positions_in(self, names: tuple[str, ...]) -> IntArray:
+        found = self.positions.get(names)
+        if found is None:
+            where = {n: i for i, n in enumerate(names)}
+            found = np.array([where.get(n, -1) for n in self.numeric_names], dtype=np.int64)
+            self.positions[names] = found
+        return found
 
 
 class QualityTally:
@@ -238,11 +257,13 @@ class QualityTally:
         categories: Mapping[str, Sequence[str]],
         *,
         counted: Mapping[str, ColumnCounts] | None = None,
+        numeric: NumericCounts | None = None,
     ) -> None:
         """Count one batch of ``rows`` rows; every column must hold ``rows`` values.
 
-        ``counted`` holds the counts of columns the caller has counted already
-        (reference binning does): those columns are not read again.
+        ``counted`` (per column) and ``numeric`` (numeric columns as arrays) hold the
+        counts of columns the caller has counted already (reference binning does):
+        those columns are not read again.
         """
         if rows < 0:
             raise ValueError(f"rows={rows} must be ≥ 0")
@@ -254,6 +275,8 @@ class QualityTally:
                 raise ValueError(f"categories[{name!r}]: {len(texts)} values, expected rows={rows}")
         if counted:
             _check_counted(counted, rows, numbers, categories)
+        if numeric is not None:
+            _check_numeric(numeric, numbers)
         self.batches += 1
         if rows == 0:
             return
@@ -270,18 +293,8 @@ class QualityTally:
         for name in plan.unknown:
             unknown[name] = unknown.get(name, 0) + rows
         self.over_limit_rows += plan.over_limit * rows
-        if plan.numeric and not counted:
-            columns = [numbers[name] for name in plan.numeric_names]
-            _count_numbers(plan.numeric, columns, plan.low, plan.high, rows)
-        elif plan.numeric:
-            todo = []
-            for i, (name, quality) in enumerate(zip(plan.numeric_names, plan.numeric, strict=True)):
-                given = counted.get(name) if counted else None
-                if given is None:
-                    todo.append(i)
-                else:
-                    quality.rows += rows
-                    quality.add(given)
+        if plan.numeric:
+            todo = _add_counted(plan, rows, counted, numeric)
             if todo:
                 _count_numbers(
                     [plan.numeric[i] for i in todo],
@@ -430,6 +443,57 @@ def _count_numbers(
         inside = int(np.count_nonzero((row >= bottom) & (row <= top)))
         quality.nonfinite += inf
         quality.out_of_range += rows - inside - nan - inf
+
+
+def _add_counted(
+    plan: _Plan,
+    rows: int,
+    counted: Mapping[str, ColumnCounts] | None,
+    numeric: NumericCounts | None,
+) -> list[int]:
+    """Add the handed-over counts of the plan's numeric columns; returns those left to count."""
+    at = None if numeric is None else plan.positions_in(numeric.names)
+    todo: list[int] = []
+    if counted or at is None or at.min(initial=0) < 0:
+        for i, (name, quality) in enumerate(zip(plan.numeric_names, plan.numeric, strict=True)):
+            given = counted.get(name) if counted else None
+            if given is not None:
+                quality.rows += rows
+                quality.add(given)
+            elif at is None or at[i] < 0:
+                todo.append(i)
+            else:
+                quality.rows += rows
+    else:  # the usual batch: reference binning counted every numeric column
+        for quality in plan.numeric:
+            quality.rows += rows
+    if numeric is not None and at is not None:
+        # Most batches are clean: only columns with something to count are visited.
+        dirty = np.flatnonzero(numeric.missing + numeric.nonfinite + numeric.out_of_range)
+        if dirty.size:
+            index = {p: i for i, p in enumerate(at.tolist()) if p >= 0}
+            for p in dirty.tolist():
+                k = index.get(p)
+                if k is None or (counted and plan.numeric_names[k] in counted):
+                    continue
+                quality = plan.numeric[k]
+                quality.missing += int(numeric.missing[p])
+                quality.nonfinite += int(numeric.nonfinite[p])
+                quality.out_of_range += int(numeric.out_of_range[p])
+    return todo
+
+
+def _check_numeric(numeric: NumericCounts, numbers: Mapping[str, FloatArray]) -> None:
+    """Cheap shape checks of handed-over counts (their values are the binning's own)."""
+    sizes = {len(numeric.names), numeric.missing.size}
+    sizes |= {numeric.nonfinite.size, numeric.out_of_range.size}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"numeric: counts of {len(numeric.names)} columns, arrays of sizes {sizes}"
+        )
+    if not numbers.keys() >= set(numeric.names):
+        missing = sorted(set(numeric.names) - numbers.keys())
+        raise ValueError(f"numeric[{missing[0]!r}]: the batch has no numeric column {missing[0]!r}")
 
 
 def _check_counted(
