@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from agent.engine.binning import NumericBlock, NumericTally
-from agent.engine.reference import NumericBins, NumericProfile
+from agent.engine.columns import PredictionColumns
+from agent.engine.monitor import ModelMonitor, MonitorConfig
+from agent.engine.reference import NumericBins, NumericProfile, ReferenceProfile
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 anything = st.one_of(finite, st.just(np.nan), st.just(np.inf), st.just(-np.inf))
@@ -146,3 +148,63 @@ def test_out_of_range_infinities_and_nan_are_counted_apart(rows):
         want.out_of_range,
     )
     assert_same(tally.bins()["x"], want, "x")
+
+
+def test_merged_tallies_equal_one_tally_of_both_spans():
+    rng = np.random.default_rng(5)
+    profiles = {n: NumericProfile.from_values(rng.normal(size=500)) for n in ("a", "b")}
+    block = NumericBlock(profiles)
+    first, second, both = NumericTally(block), NumericTally(block), NumericTally(block)
+    batches = [{n: rng.normal(0.5, 2.0, size=300) for n in profiles} for _ in range(2)]
+    batches[1]["a"][:3] = [np.nan, np.inf, -np.inf]
+    first.observe(batches[0], 300)
+    second.observe(batches[1], 300)
+    for batch in batches:
+        both.observe(batch, 300)
+    first.merge(second)
+    for name, bins in both.bins().items():
+        assert_same(first.bins()[name], bins, name)
+    with pytest.raises(ValueError, match="different reference blocks"):
+        first.merge(NumericTally(NumericBlock(profiles)))
+
+
+def test_psi_bins_count_every_window_since_the_reference_and_restart_with_a_new_one():
+    rng = np.random.default_rng(9)
+    monitor = ModelMonitor("m", "v1", MonitorConfig(warmup_rows=0))
+
+    def ref(seed: int) -> ReferenceProfile:
+        r = np.random.default_rng(seed)
+        return ReferenceProfile.from_columns(
+            "m",
+            "v1",
+            numbers={"x": r.normal(size=2000)},
+            categories={"c": r.choice(["a", "b"], 2000).tolist()},
+            source="file",
+            created_unix_nano=0,
+        )
+
+    def batch(rows: int) -> PredictionColumns:
+        return PredictionColumns(
+            "m",
+            "v1",
+            ids=[str(i) for i in range(rows)],
+            received_unix_nano=0,
+            numbers={"x": rng.normal(size=rows)},
+            categories={"c": rng.choice(["a", "b", "z"], rows).tolist()},
+        )
+
+    monitor.set_reference(ref(1))
+    monitor.observe_predictions(batch(400))
+    monitor.roll()
+    monitor.observe_predictions(batch(100))
+    series = {s.feature: s for s in monitor.psi_bins()}
+    assert int(series["x"].counts.sum()) == 500
+    assert series["c"].labels == ("a", "b", "__other__")
+    assert int(series["c"].counts.sum()) == 500 and int(series["c"].counts[-1]) > 0
+    assert series["x"].reference_proportions.sum() == pytest.approx(1.0)
+
+    monitor.set_reference(ref(2))
+    monitor.observe_predictions(batch(50))
+    series = {s.feature: s for s in monitor.psi_bins()}
+    assert int(series["x"].counts.sum()) == 50
+    assert series["x"].reference_id == monitor.reference.id != ref(1).id

@@ -283,3 +283,40 @@ def test_a_corrupt_stored_reference_is_skipped_not_fatal(start_agent, tmp_path):
         assert report(restarted)["warmup"] == {"rows": 600, "target": 1000}
     finally:
         restarted.stop()
+
+
+def test_psi_bin_counters_and_reference_proportions_reproduce_the_reported_psi(start_agent):
+    traffic = Traffic()
+    harness = start_agent(engine=ENGINE)
+    stub = harness.stub()
+    stub.SubmitPredictions(traffic.batch(1000))  # the warm-up: becomes the reference
+    stub.SubmitPredictions(traffic.batch(700, shift=1.0))
+    stub.SubmitPredictions(traffic.batch(300, shift=1.0))
+    rep = report(harness)
+    ref_id = rep["reference"]["id"]
+
+    counts = gauge_points(harness, "ml.feature.psi.bin.values")
+    shares = gauge_points(harness, "ml.feature.psi.bin.reference")
+    assert counts.keys() == shares.keys()
+    per_feature: dict[str, dict[str, tuple[float, float]]] = {}
+    for key, count in counts.items():
+        attributes = dict(key)
+        assert attributes["ml.reference.id"] == ref_id
+        per_feature.setdefault(attributes["ml.feature.name"], {})[attributes["ml.bin"]] = (
+            count,
+            shares[key],
+        )
+    assert set(per_feature) == {"income", "age", "region"}
+    assert len(per_feature["income"]) == 10  # psi_bins
+    assert set(per_feature["region"]) == {"n", "s", "e", "__other__"}
+    for name, bins in per_feature.items():
+        live = np.array([c for c, _ in bins.values()])
+        expected = np.array([s for _, s in bins.values()])
+        assert live.sum() == 1000, name  # every row since the reference, in one bin
+        assert expected.sum() == pytest.approx(1.0), name
+        # The documented PromQL: proportions floored at 1e-4, sum((q - p) * ln(q / p)).
+        p = np.maximum(expected, 1e-4)
+        q = np.maximum(live / live.sum(), 1e-4)
+        assert float(np.sum((q - p) * np.log(q / p))) == pytest.approx(
+            rep["features"][name]["drift"]["psi"], rel=1e-9
+        ), name

@@ -189,6 +189,27 @@ class NumericTally:
         )
         return missing, not_nan - finite, out_of_range
 
+    def merge(self, other: NumericTally) -> None:
+        """Add ``other``'s counts (a closed window into a longer span); same block only."""
+        if other.block is not self.block:
+            raise ValueError("cannot merge tallies of different reference blocks")
+        for mine, theirs in zip(self._sums, other._sums, strict=True):
+            mine.per_bin += theirs.per_bin
+            mine.tails += theirs.tails
+            mine.rows += theirs.rows
+            np.minimum(mine.mins, theirs.mins, out=mine.mins)
+            np.maximum(mine.maxs, theirs.maxs, out=mine.maxs)
+            mine.below += theirs.below
+            mine.above += theirs.above
+
+    def psi_counts(self) -> dict[str, IntArray]:
+        """Per feature of the block, its counts in the psi bins (zeros if never seen)."""
+        return {
+            name: sums.per_bin[r, group.psi_start : group.psi_end].copy()
+            for group, sums in zip(self.block.groups, self._sums, strict=True)
+            for r, name in enumerate(group.names)
+        }
+
     def bins(self) -> dict[str, NumericBins]:
         """Per feature seen so far: its counts, as merging ``NumericProfile.bin`` would give."""
         out: dict[str, NumericBins] = {}

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.engine.columns import OutcomeColumns, PredictionColumns
 from agent.engine.histogram import FixedHistogram
-from agent.engine.monitor import ModelMonitor, MonitorConfig
+from agent.engine.monitor import ModelMonitor, MonitorConfig, PsiBins
 from agent.engine.reference import ReferenceProfile
 
 OTHER = "other"
@@ -173,6 +173,8 @@ class ModelSnapshot:
     outcome_labels: dict[str, float] = field(default_factory=dict)
     # The ML health sections of the report (monitor.report), JSON-safe; None if not asked for.
     health: dict[str, Any] | None = None
+    # Psi-bin counts per reference feature since the reference was set (with health only).
+    psi_bins: list[PsiBins] = field(default_factory=list)
 
 
 class ModelState:
@@ -268,6 +270,7 @@ class ModelState:
             dict(self.labels.counts),
             dict(self.outcome_labels.counts),
             json_safe(self._ml_sections(self.config.min_window_rows)) if with_health else None,
+            self.monitor.psi_bins() if with_health else [],
         )
 
     def report(self, now_unix_nano: int) -> dict[str, Any]:

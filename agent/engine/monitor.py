@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.engine.anomaly import EwmaBank
 from agent.engine.binning import NumericBlock, NumericTally
@@ -99,6 +100,53 @@ class HealthWindow:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class PsiBins:
+    """One feature's live counts in its psi bins (categories for categoricals), cumulative
+    since the reference ``reference_id`` was set, with the reference's own proportions."""
+
+    feature: str
+    reference_id: str
+    labels: tuple[str, ...]  # bin index ("0".."9") or category; "other" last for categoricals
+    counts: npt.NDArray[np.int64]
+    reference_proportions: npt.NDArray[np.float64]
+
+
+# The categorical bucket of labels outside the reference's top-K categories.
+OTHER_BIN = "__other__"
+
+
+class SinceReference:
+    """The drift bins of every window closed since the reference was set, added up."""
+
+    def __init__(self, block: NumericBlock | None) -> None:
+        self.numeric = None if block is None else NumericTally(block)
+        self.categorical: dict[str, CategoricalBins] = {}
+
+    def add(self, window: HealthWindow) -> None:
+        if self.numeric is not None and window.numeric is not None:
+            self.numeric.merge(window.numeric)
+        for name, bins in window.categorical.items():
+            self.categorical[name] = _merge(self.categorical.get(name), bins)
+
+    def psi_counts(self, live: HealthWindow) -> dict[str, npt.NDArray[np.int64]]:
+        """Counts of the closed windows plus the ``live`` one's."""
+        out: dict[str, npt.NDArray[np.int64]] = {}
+        if self.numeric is not None:
+            out.update(self.numeric.psi_counts())
+            if live.numeric is not None:
+                for name, counts in live.numeric.psi_counts().items():
+                    out[name] += counts
+        for name in self.categorical.keys() | live.categorical.keys():
+            bins = [
+                b.counts
+                for b in (self.categorical.get(name), live.categorical.get(name))
+                if b is not None
+            ]
+            out[name] = bins[0] if len(bins) == 1 else bins[0] + bins[1]
+        return out
+
+
 def _merge(old: Any, new: Any) -> Any:
     return new if old is None else old.merged(new)
 
@@ -119,6 +167,8 @@ class ModelMonitor:
         self.reference: ReferenceProfile | None = None
         # The reference's numeric features, binned together (see agent.engine.binning).
         self._block: NumericBlock | None = None
+        # Bins of the windows closed since the reference was set (exported as counters).
+        self._closed_bins = SinceReference(None)
         self._baseline: DriftBaseline | None = None
         self._prediction_baseline: DriftBaseline | None = None
         self.warmup: ReferenceBuilder | None = None
@@ -205,6 +255,7 @@ class ModelMonitor:
         self.reference = reference
         numeric = {n: p for n, p in reference.features.items() if isinstance(p, NumericProfile)}
         self._block = NumericBlock(numeric) if numeric else None
+        self._closed_bins = SinceReference(self._block)
         self.warmup = None
         if hasattr(self, "current"):
             performance = self.current.performance
@@ -263,6 +314,7 @@ class ModelMonitor:
 
     def roll(self, window_aggregates: Mapping[str, float] | None = None) -> None:
         """The live window closed: it becomes ``previous``; its aggregates feed anomaly checks."""
+        self._closed_bins.add(self.current)
         if window_aggregates:
             values = np.array([window_aggregates.get(s, np.nan) for s in ANOMALY_STREAMS])
             flags = self.anomalies.observe(values)
@@ -274,6 +326,28 @@ class ModelMonitor:
         self.current = HealthWindow(
             QualityTally.empty_like(self.previous.quality), self.config, self._block
         )
+
+    def psi_bins(self) -> list[PsiBins]:
+        """Per reference feature, its psi-bin counts since the reference was set (cumulative)."""
+        ref = self.reference
+        if ref is None:
+            return []
+        counts = self._closed_bins.psi_counts(self.current)
+        out = []
+        for name, profile in ref.features.items():
+            mine = counts.get(name)
+            if mine is None:
+                continue
+            if isinstance(profile, NumericProfile):
+                labels = tuple(str(i) for i in range(profile.psi_counts.size))
+                expected = profile.psi_counts
+            else:
+                labels = (*profile.categories, OTHER_BIN)
+                expected = profile.counts
+            total = int(expected.sum())
+            proportions = expected / total if total else np.zeros(expected.size)
+            out.append(PsiBins(name, ref.id, labels, mine, proportions))
+        return out
 
     @property
     def anomalies_ready(self) -> bool:

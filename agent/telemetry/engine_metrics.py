@@ -89,6 +89,18 @@ PERFORMANCE = (
     "Model performance on joined outcomes, by metric (ml.metric).",
 )
 HEALTH = ("ml.model.health.score", "1", "Model health score, 0-100.")
+# Counters of live values per psi bin since the reference was set, and the reference's own
+# proportions per bin: fleet-wide PSI in PromQL across replicas sharing a reference id.
+PSI_BIN_VALUES = (
+    "ml.feature.psi.bin.values",
+    "{value}",
+    "Live values of a feature counted per psi bin (ml.bin) since the reference was set.",
+)
+PSI_BIN_REFERENCE = (
+    "ml.feature.psi.bin.reference",
+    "1",
+    "Proportion of the reference's values in each psi bin (ml.bin) of a feature.",
+)
 PERFORMANCE_METRICS = (
     "accuracy",
     "f1_macro",
@@ -120,9 +132,26 @@ class EngineMetricsProducer:
         classes: list[NumberDataPoint] = []
         durations: list[HistogramDataPoint] = []
         scores: list[HistogramDataPoint] = []
+        bin_values: list[NumberDataPoint] = []
+        bin_reference: list[NumberDataPoint] = []
         for snap in snapshots:
             base = _model_attributes(snap)
             start = snap.start_unix_nano
+            for series in snap.psi_bins:
+                feature = {
+                    **base,
+                    "ml.feature.name": series.feature,
+                    "ml.reference.id": series.reference_id,
+                }
+                for label, count, share in zip(
+                    series.labels,
+                    series.counts.tolist(),
+                    series.reference_proportions.tolist(),
+                    strict=True,
+                ):
+                    attributes = {**feature, "ml.bin": label}
+                    bin_values.append(NumberDataPoint(attributes, start, now, count))
+                    bin_reference.append(NumberDataPoint(attributes, 0, now, share))
             for segment, count in snap.segments.items():
                 predictions.append(
                     NumberDataPoint({**base, "ml.segment": segment}, start, now, count)
@@ -144,6 +173,8 @@ class EngineMetricsProducer:
             _sum(CLASSES, classes),
             _histogram(DURATION, durations),
             _histogram(SCORE, scores),
+            _sum(PSI_BIN_VALUES, bin_values),
+            _gauge(PSI_BIN_REFERENCE, bin_reference),
         ]
         return [m for m in metrics if _has_points(m)]
 
@@ -183,10 +214,7 @@ class EngineMetricsProducer:
             performance = health["performance"]
             for metric in PERFORMANCE_METRICS:
                 add(PERFORMANCE, {**base, "ml.metric": metric}, performance.get(metric))
-        return [
-            Metric(name, description, unit, Gauge(series))
-            for (name, unit, description), series in points.items()
-        ]
+        return [_gauge(spec, series) for spec, series in points.items()]
 
     def merge(self, data: MetricsData) -> MetricsData:
         """``data`` with the engine's metrics appended as their own instrumentation scope."""
@@ -253,6 +281,11 @@ def _histogram_point(
 def _sum(spec: tuple[str, str, str], points: Sequence[NumberDataPoint]) -> Metric:
     name, unit, description = spec
     return Metric(name, description, unit, Sum(points, CUMULATIVE, is_monotonic=True))
+
+
+def _gauge(spec: tuple[str, str, str], points: Sequence[NumberDataPoint]) -> Metric:
+    name, unit, description = spec
+    return Metric(name, description, unit, Gauge(points))
 
 
 def _histogram(spec: tuple[str, str, str], points: Sequence[HistogramDataPoint]) -> Metric:
