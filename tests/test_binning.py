@@ -207,4 +207,5 @@ def test_psi_bins_count_every_window_since_the_reference_and_restart_with_a_new_
     monitor.observe_predictions(batch(50))
     series = {s.feature: s for s in monitor.psi_bins()}
     assert int(series["x"].counts.sum()) == 50
+    assert monitor.reference is not None
     assert series["x"].reference_id == monitor.reference.id != ref(1).id

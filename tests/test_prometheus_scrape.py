@@ -22,7 +22,7 @@ from conftest import free_port
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent.engine.drift import psi
-from agent.engine.reference import ReferenceProfile
+from agent.engine.reference import NumericProfile, ReferenceProfile
 
 pytestmark = pytest.mark.slow
 
@@ -197,8 +197,9 @@ def test_fleet_psi_in_promql_adds_the_bins_of_replicas_sharing_a_reference(start
             )
         )
     # What the fleet saw, binned by the reference: the PSI the query must give.
-    fleet = reference.features["x"].bin(np.concatenate(sent)).psi_counts
-    expected = psi(reference.features["x"].psi_counts, fleet)
+    profile = reference.features["x"]
+    assert isinstance(profile, NumericProfile)
+    expected = psi(profile.psi_counts, profile.bin(np.concatenate(sent)).psi_counts)
 
     server = Prometheus(tmp_path, [f"127.0.0.1:{r.agent.api.port}" for r in replicas])
     try:
@@ -215,10 +216,7 @@ def test_fleet_psi_in_promql_adds_the_bins_of_replicas_sharing_a_reference(start
         assert ids == {series["metric"]["ml_reference_id"]}
         assert float(series["value"][1]) == pytest.approx(expected, rel=1e-9)
         # Each replica alone sees a different drift: the fleet figure is not either one's.
-        alone = [
-            psi(reference.features["x"].psi_counts, reference.features["x"].bin(v).psi_counts)
-            for v in sent
-        ]
+        alone = [psi(profile.psi_counts, profile.bin(v).psi_counts) for v in sent]
         assert all(abs(a - expected) > 0.01 for a in alone)
     finally:
         server.stop()
