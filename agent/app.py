@@ -67,6 +67,7 @@ def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
                 top_k=engine.top_k,
                 # A reference file replaces the warm-up window.
                 warmup_rows=0 if override.reference else engine.warmup_rows,
+                long_windows_ns=tuple(sorted({int(s * 1e9) for s in engine.long_windows_s})),
                 drift_methods=dict(override.drift_methods),
                 drift_thresholds={str(k): v for k, v in engine.drift_thresholds.items()},
                 drift_share=engine.drift_share,

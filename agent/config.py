@@ -159,6 +159,8 @@ class EngineSettings(Section):
 
     # Tumbling window length (by receipt time).
     window_s: float = Field(300.0, gt=0)
+    # Longer tumbling windows over which drift is also judged (multiples of window_s).
+    long_windows_s: list[float] = Field(default_factory=list, max_length=4)
     # A live window is reported as complete once it holds this many rows.
     min_window_rows: int = Field(100, ge=1)
     # Upper bounds of the latency histogram buckets, milliseconds.
@@ -301,6 +303,23 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     # Deadline for a graceful stop: in-flight batches finish, exporters flush.
     shutdown_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _long_windows(self) -> Settings:
+        """Long windows are made of whole base windows, for every model's base window."""
+        bases = {"engine.window_s": self.engine.window_s}
+        for name, model in self.models.items():
+            if model.window_s is not None:
+                bases[f"models.{name}.window_s"] = model.window_s
+        for i, length in enumerate(self.engine.long_windows_s):
+            for key, base in bases.items():
+                ratio = length / base
+                if ratio <= 1 or abs(ratio - round(ratio)) > 1e-9:
+                    raise ValueError(
+                        f"engine.long_windows_s[{i}]: {length:g} s must be a multiple of "
+                        f"{key} ({base:g} s) greater than it"
+                    )
+        return self
 
     @field_validator("models")
     @classmethod

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from agent.config import Settings
 from agent.engine import (
     Engine,
     ModelConfig,
@@ -19,6 +20,8 @@ from agent.engine import (
     OutcomeColumns,
     PredictionColumns,
 )
+from agent.engine.monitor import MonitorConfig
+from agent.engine.reference import ReferenceProfile
 
 S = 10**9
 WINDOW = 60 * S
@@ -410,6 +413,7 @@ def test_report_shape_and_times():
         "performance_totals",
         "outcomes",
         "anomalies",
+        "long_windows",
         "health",
     }
     assert set(report["prediction"]) == {"labels", "drift", "class_drift"}
@@ -429,3 +433,78 @@ def test_a_closed_window_with_too_few_rows_is_not_complete():
     engine.observe_predictions(preds(1, T0 + WINDOW + 1 * S))
     previous = engine.report("m")["previous"]
     assert (previous["closed"], previous["count"], previous["complete"]) == (True, 2, False)
+
+
+# --- long windows ---------------------------------------------------------------------------
+
+
+def test_long_windows_judge_drift_over_whole_base_windows_and_tumble():
+    """Base window 60 s, a long window of 180 s: drift that is too small to show in any one
+    base window's few rows is judged on the long window's bins, which add up every base
+    window closed in it plus the live one, and start afresh at each 180 s boundary."""
+    rng = np.random.default_rng(2)
+    reference = ReferenceProfile.from_columns(
+        "m",
+        "v1",
+        numbers={"x": rng.normal(0, 1, 5000)},
+        categories={"c": rng.choice(["a", "b"], 5000).tolist()},
+        source="file",
+        created_unix_nano=0,
+    )
+    start = T0 - T0 % (3 * WINDOW)  # a long window boundary
+    clock = Clock(start)
+    monitor = MonitorConfig(warmup_rows=0, long_windows_ns=(3 * WINDOW,))
+    engine = make_engine(clock, min_window_rows=150, monitor=monitor)
+    engine.set_reference(reference)
+
+    def send(at: int, n: int, shift: float) -> None:
+        clock.now = at
+        engine.observe_predictions(
+            preds(
+                n,
+                at,
+                numbers={"x": rng.normal(shift, 1, n)},
+                categories={"c": rng.choice(["a", "b"], n).tolist()},
+            )
+        )
+
+    # Three base windows of 100 drifted rows: each below min_window_rows, together 300.
+    for k in range(3):
+        send(start + k * WINDOW + S, 100, 2.0)
+    (long,) = engine.report("m")["long_windows"]
+    assert long["length_s"] == 180
+    assert long["evaluated_window"] == "current"
+    assert long["rows"] == 300
+    assert long["start_unix_nano"] == start and long["end_unix_nano"] == start + 3 * WINDOW
+    assert long["features"]["x"]["drifted"] is True
+    assert long["features"]["c"]["drifted"] is False
+    assert long["dataset_drift"] == {"share": 0.5, "drifted": True}
+    # The base window alone holds too few rows to judge.
+    assert engine.report("m")["evaluated_window"] is None
+
+    # The next long window: few rows so far, so the closed one is the one judged.
+    send(start + 3 * WINDOW + S, 50, 0.0)
+    (long,) = engine.report("m")["long_windows"]
+    assert long["evaluated_window"] == "previous"
+    assert (long["start_unix_nano"], long["rows"]) == (start, 300)
+    # Enough undrifted rows in the new long window: it is judged, and does not drift.
+    send(start + 4 * WINDOW + S, 200, 0.0)
+    (long,) = engine.report("m")["long_windows"]
+    assert long["evaluated_window"] == "current"
+    assert (long["start_unix_nano"], long["rows"]) == (start + 3 * WINDOW, 250)
+    assert long["features"]["x"]["drifted"] is False
+
+    # Long windows pass with no traffic: nothing closed recently enough to judge.
+    send(start + 12 * WINDOW + S, 10, 0.0)
+    (long,) = engine.report("m")["long_windows"]
+    assert long["evaluated_window"] is None
+
+
+def test_long_windows_must_be_multiples_of_every_base_window():
+    with pytest.raises(
+        ValueError, match=r"engine.long_windows_s\[0\]: 450 s must be a multiple of engine.window_s"
+    ):
+        Settings(engine={"window_s": 300, "long_windows_s": [450]})
+    with pytest.raises(ValueError, match=r"models.fast.window_s \(7 s\)"):
+        Settings(engine={"long_windows_s": [3600]}, models={"fast": {"window_s": 7}})
+    assert Settings(engine={"long_windows_s": [3600, 900]}).engine.long_windows_s == [3600, 900]

@@ -7,12 +7,11 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from agent.engine.columns import OutcomeColumns, PredictionColumns
 from agent.engine.histogram import FixedHistogram
-from agent.engine.monitor import ModelMonitor, MonitorConfig, PsiBins
+from agent.engine.monitor import ModelMonitor, MonitorConfig, PsiBins, iso_time
 from agent.engine.reference import ReferenceProfile
 
 OTHER = "other"
@@ -124,8 +123,8 @@ class Tally:
 
     def report(self, min_rows: int, *, live: bool) -> dict[str, object]:
         return {
-            "start": _iso(self.start_unix_nano),
-            "end": _iso(self.end_unix_nano),
+            "start": iso_time(self.start_unix_nano),
+            "end": iso_time(self.end_unix_nano),
             "start_unix_nano": self.start_unix_nano,
             "end_unix_nano": self.end_unix_nano,
             "count": self.rows,
@@ -154,10 +153,6 @@ def batch_histograms(
         scores = FixedHistogram.empty_like(scores_like)
         scores.add(cols.scores, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids)
     return latency, scores
-
-
-def _iso(unix_nano: int) -> str:
-    return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -213,7 +208,8 @@ class ModelState:
         start = now - now % w
         closing = self.current
         self.monitor.roll(
-            {
+            window_start_unix_nano=closing.start_unix_nano,
+            window_aggregates={
                 "score.mean": closing.scores.sum / closing.scores.count
                 if closing.scores.count
                 else math.nan,
@@ -221,7 +217,7 @@ class ModelState:
                 if closing.latency.count
                 else math.nan,
                 "traffic.rows": float(closing.rows),
-            }
+            },
         )
         if closing.end_unix_nano == start:
             self.previous = closing
@@ -283,9 +279,9 @@ class ModelState:
                 "schema_version": REPORT_SCHEMA_VERSION,
                 "model": self.model,
                 "version": self.version,
-                "generated": _iso(now_unix_nano),
-                "first_seen": _iso(self.created_unix_nano),
-                "last_seen": _iso(self.last_seen_unix_nano),
+                "generated": iso_time(now_unix_nano),
+                "first_seen": iso_time(self.created_unix_nano),
+                "last_seen": iso_time(self.last_seen_unix_nano),
                 "window": self.current.report(min_rows, live=True),
                 "previous": None
                 if self.previous is None
@@ -301,7 +297,7 @@ class ModelState:
         )
 
     def _ml_sections(self, min_rows: int) -> dict[str, Any]:
-        ml = self.monitor.report(min_rows)
+        ml = self.monitor.report(min_rows, self.current.start_unix_nano)
         features = ml.pop("features")
         for name, kind in self.features.items():
             features.setdefault(name, {}).setdefault("type", kind)

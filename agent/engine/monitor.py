@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,8 @@ class MonitorConfig:
     score_bins: int = 100
     max_segments: int = 20
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    # Tumbling windows longer than the base window (multiples of it), for drift only.
+    long_windows_ns: tuple[int, ...] = ()
     anomaly_half_life: float = 12.0
     anomaly_z: float = 3.0
     anomaly_warmup: int = 6
@@ -116,21 +119,39 @@ class PsiBins:
 OTHER_BIN = "__other__"
 
 
-class SinceReference:
-    """The drift bins of every window closed since the reference was set, added up."""
+class BinSums:
+    """The drift bins of a span of closed windows, added up (since the reference, or one
+    long window); ``binned_rows`` counts the rows binned in them."""
 
     def __init__(self, block: NumericBlock | None) -> None:
         self.numeric = None if block is None else NumericTally(block)
         self.categorical: dict[str, CategoricalBins] = {}
+        self.binned_rows = 0
 
     def add(self, window: HealthWindow) -> None:
         if self.numeric is not None and window.numeric is not None:
             self.numeric.merge(window.numeric)
         for name, bins in window.categorical.items():
             self.categorical[name] = _merge(self.categorical.get(name), bins)
+        self.binned_rows += window.binned_rows
+
+    def bins(self, live: HealthWindow | None = None) -> dict[str, Bins]:
+        """Every feature's counts in these windows (plus the ``live`` one's)."""
+        out: dict[str, Bins] = {}
+        if self.numeric is not None:
+            numeric = NumericTally(self.numeric.block)
+            numeric.merge(self.numeric)
+            if live is not None and live.numeric is not None:
+                numeric.merge(live.numeric)
+            out.update(numeric.bins())
+        out.update(self.categorical)
+        if live is not None:
+            for name, bins in live.categorical.items():
+                out[name] = _merge(self.categorical.get(name), bins)
+        return out
 
     def psi_counts(self, live: HealthWindow) -> dict[str, npt.NDArray[np.int64]]:
-        """Counts of the closed windows plus the ``live`` one's."""
+        """Psi-bin counts of the closed windows plus the ``live`` one's."""
         out: dict[str, npt.NDArray[np.int64]] = {}
         if self.numeric is not None:
             out.update(self.numeric.psi_counts())
@@ -145,6 +166,56 @@ class SinceReference:
             ]
             out[name] = bins[0] if len(bins) == 1 else bins[0] + bins[1]
         return out
+
+
+class LongWindow:
+    """A tumbling window of ``length_ns`` (a multiple of the base window), made of the
+    base windows that close in it; only its bins are kept, so drift alone is judged."""
+
+    __slots__ = ("current", "length_ns", "previous", "previous_start", "start")
+
+    def __init__(self, length_ns: int, block: NumericBlock | None) -> None:
+        self.length_ns = length_ns
+        self.start: int | None = None
+        self.current = BinSums(block)
+        self.previous_start: int | None = None
+        self.previous: BinSums | None = None
+
+    def add(self, window: HealthWindow, window_start: int, block: NumericBlock | None) -> None:
+        """The base window that started at ``window_start`` closed."""
+        self._advance(window_start, block)
+        self.current.add(window)
+
+    def _advance(self, at: int, block: NumericBlock | None) -> None:
+        start = at - at % self.length_ns
+        if self.start == start:
+            return
+        if self.start is not None:
+            adjacent = self.start + self.length_ns == start
+            self.previous_start = start - self.length_ns
+            self.previous = self.current if adjacent else BinSums(block)
+        self.start = start
+        self.current = BinSums(block)
+
+    def spans(self, live_start: int) -> tuple[int, BinSums | None, tuple[int, BinSums] | None]:
+        """As of a live base window that started at ``live_start``: the live long window's
+        start and the sums of its closed base windows (None if none), and the start and
+        sums of the last closed long window (None if none)."""
+        start = live_start - live_start % self.length_ns
+        if self.start == start:
+            last = None
+            if self.previous is not None and self.previous_start is not None:
+                last = (self.previous_start, self.previous)
+            return start, self.current, last
+        # The live base window opened a new long window: the tallied one has closed.
+        if self.start is not None and self.start + self.length_ns == start:
+            return start, None, (self.start, self.current)
+        return start, None, None
+
+
+def iso_time(unix_nano: int) -> str:
+    """'2026-11-23T18:05:00Z' (UTC, ISO 8601) for a time in nanoseconds since the epoch."""
+    return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def _merge(old: Any, new: Any) -> Any:
@@ -168,7 +239,8 @@ class ModelMonitor:
         # The reference's numeric features, binned together (see agent.engine.binning).
         self._block: NumericBlock | None = None
         # Bins of the windows closed since the reference was set (exported as counters).
-        self._closed_bins = SinceReference(None)
+        self._closed_bins = BinSums(None)
+        self.long_windows = [LongWindow(n, None) for n in config.long_windows_ns]
         self._baseline: DriftBaseline | None = None
         self._prediction_baseline: DriftBaseline | None = None
         self.warmup: ReferenceBuilder | None = None
@@ -255,7 +327,8 @@ class ModelMonitor:
         self.reference = reference
         numeric = {n: p for n, p in reference.features.items() if isinstance(p, NumericProfile)}
         self._block = NumericBlock(numeric) if numeric else None
-        self._closed_bins = SinceReference(self._block)
+        self._closed_bins = BinSums(self._block)
+        self.long_windows = [LongWindow(n, self._block) for n in self.config.long_windows_ns]
         self.warmup = None
         if hasattr(self, "current"):
             performance = self.current.performance
@@ -312,9 +385,20 @@ class ModelMonitor:
         self.current.performance.observe(pairs)
         self.totals_performance.observe(pairs)
 
-    def roll(self, window_aggregates: Mapping[str, float] | None = None) -> None:
-        """The live window closed: it becomes ``previous``; its aggregates feed anomaly checks."""
+    def roll(
+        self,
+        window_aggregates: Mapping[str, float] | None = None,
+        *,
+        window_start_unix_nano: int | None = None,
+    ) -> None:
+        """The live window closed: it becomes ``previous``; its aggregates feed anomaly checks.
+
+        ``window_start_unix_nano`` (when the window started) places it in the long windows.
+        """
         self._closed_bins.add(self.current)
+        if window_start_unix_nano is not None:
+            for long_window in self.long_windows:
+                long_window.add(self.current, window_start_unix_nano, self._block)
         if window_aggregates:
             values = np.array([window_aggregates.get(s, np.nan) for s in ANOMALY_STREAMS])
             flags = self.anomalies.observe(values)
@@ -364,8 +448,44 @@ class ModelMonitor:
             return "previous", self.previous
         return None
 
-    def report(self, min_rows: int) -> dict[str, Any]:
-        """The ML health sections of the model report (see docs/health-report.md)."""
+    def _long_windows(self, min_rows: int, live_start: int | None) -> list[dict[str, Any]]:
+        """Drift judged over each long window (``engine.long_windows_s``): the live one once
+        it holds ``min_rows`` binned rows, else the last closed one."""
+        out: list[dict[str, Any]] = []
+        for long_window in self.long_windows:
+            length = long_window.length_ns
+            entry: dict[str, Any] = {"length_s": length / 1e9, "evaluated_window": None}
+            out.append(entry)
+            if live_start is None or self._baseline is None:
+                continue
+            start, closed, last = long_window.spans(live_start)
+            rows = self.current.binned_rows + (closed.binned_rows if closed else 0)
+            if rows >= min_rows:
+                bins = closed.bins(self.current) if closed else self.current.bins
+                entry["evaluated_window"] = "current"
+            elif last is not None and last[1].binned_rows >= min_rows:
+                start, rows, bins = last[0], last[1].binned_rows, last[1].bins()
+                entry["evaluated_window"] = "previous"
+            else:
+                continue
+            drift = self._baseline.evaluate(bins)
+            share, drifted = dataset_drift(drift.values(), self.config.drift_share)
+            entry.update(
+                start=iso_time(start),
+                end=iso_time(start + length),
+                start_unix_nano=start,
+                end_unix_nano=start + length,
+                rows=rows,
+                dataset_drift={"share": share, "drifted": drifted},
+                features={name: result.to_dict() for name, result in sorted(drift.items())},
+            )
+        return out
+
+    def report(self, min_rows: int, live_start_unix_nano: int | None = None) -> dict[str, Any]:
+        """The ML health sections of the model report (see docs/health-report.md).
+
+        ``live_start_unix_nano``: when the live window started (places it in long windows).
+        """
         ref = self.reference
         evaluated = self._evaluated(min_rows)
         drift: dict[str, DriftResult] = {}
@@ -424,6 +544,7 @@ class ModelMonitor:
                 "drifted": drifted,
                 "features": len([r for r in drift.values() if r.score is not None]),
             },
+            "long_windows": self._long_windows(min_rows, live_start_unix_nano),
             "performance": performance_report,
             "performance_totals": self.totals_performance.report(),
             "outcomes": {
