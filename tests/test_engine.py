@@ -508,3 +508,15 @@ def test_long_windows_must_be_multiples_of_every_base_window():
     with pytest.raises(ValueError, match=r"models.fast.window_s \(7 s\)"):
         Settings(engine={"long_windows_s": [3600]}, models={"fast": {"window_s": 7}})
     assert Settings(engine={"long_windows_s": [3600, 900]}).engine.long_windows_s == [3600, 900]
+
+
+def test_overflowed_names_the_bounded_sets_that_folded_keys_into_other():
+    clock = Clock(T0)
+    engine = make_engine(clock, max_segments=1, max_classes=2)
+    engine.observe_predictions(preds(3, T0, labels=["a", "b", "a"], attributes={"r": "eu"}))
+    (snap,) = engine.snapshots()
+    assert snap.overflowed == ()
+    engine.observe_predictions(preds(2, T0, labels=["c", "a"], attributes={"r": "us"}))
+    (snap,) = engine.snapshots()
+    assert snap.overflowed == ("segments", "classes")
+    assert snap.segments == {"r=eu": 3.0, "other": 2.0}

@@ -320,3 +320,24 @@ def test_psi_bin_counters_and_reference_proportions_reproduce_the_reported_psi(s
         assert float(np.sum((q - p) * np.log(q / p))) == pytest.approx(
             rep["features"][name]["drift"]["psi"], rel=1e-9
         ), name
+
+
+def test_an_overflowing_segment_set_is_a_gauge_and_one_warning(start_agent, caplog):
+    harness = start_agent(engine={**ENGINE, "max_segments": 2})
+    stub = harness.stub()
+    traffic = Traffic()
+    for region in ("eu", "us", "apac", "latam"):
+        batch = traffic.batch(50)
+        batch.attributes["region"] = region
+        stub.SubmitPredictions(batch)
+    base = (("ml.model.name", MODEL), ("ml.model.version", "v1"))
+    with caplog.at_level("WARNING", logger="agent.telemetry.engine_metrics"):
+        for _ in range(3):  # several collections: the warning is logged once
+            overflow = gauge_points(harness, "mlsidecar.engine.overflow")
+    assert overflow == {tuple(sorted((*base, ("mlsidecar.overflow", "segments")))): 1}
+    warnings = [r.getMessage() for r in caplog.records if "other" in r.getMessage()]
+    assert warnings == [
+        f"model {MODEL} version v1: more distinct segments than the agent keeps; the rest "
+        "are counted as 'other' (limits: docs/metrics.md#cardinality)"
+    ]
+    assert gauge_points(harness, "ml.predictions")  # the counts are still there

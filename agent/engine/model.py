@@ -170,6 +170,8 @@ class ModelSnapshot:
     health: dict[str, Any] | None = None
     # Psi-bin counts per reference feature since the reference was set (with health only).
     psi_bins: list[PsiBins] = field(default_factory=list)
+    # Bounded attribute sets that overflowed into "other" (see ModelState.overflowed).
+    overflowed: tuple[str, ...] = ()
 
 
 class ModelState:
@@ -267,7 +269,21 @@ class ModelState:
             dict(self.outcome_labels.counts),
             json_safe(self._ml_sections(self.config.min_window_rows)) if with_health else None,
             self.monitor.psi_bins() if with_health else [],
+            self.overflowed(),
         )
+
+    def overflowed(self) -> tuple[str, ...]:
+        """Which bounded sets saw more distinct keys than configured: ``segments``,
+        ``classes`` (predicted or actual labels), ``features`` (columns past
+        ``max_features`` or unknown names past their limit), ``performance_segments``."""
+        quality = [w.quality for w in (self.monitor.current, self.monitor.previous) if w]
+        kinds = {
+            "segments": self.segments.overflowed,
+            "classes": self.labels.overflowed or self.outcome_labels.overflowed,
+            "features": any(q.over_limit_rows > 0 for q in quality),
+            "performance_segments": self.monitor.totals_performance.segments_overflowed,
+        }
+        return tuple(kind for kind, flag in kinds.items() if flag)
 
     def report(self, now_unix_nano: int) -> dict[str, Any]:
         """The model's health report (documented in docs/health-report.md), JSON-safe."""

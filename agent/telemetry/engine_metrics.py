@@ -14,6 +14,7 @@ in-memory in tests) gets the same points, so names and values agree.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -39,6 +40,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from agent import __version__
 from agent.engine import Engine, FixedHistogram, ModelSnapshot
 
+log = logging.getLogger(__name__)
 SCOPE = InstrumentationScope("mlsidecar.engine", __version__)
 CUMULATIVE = AggregationTemporality.CUMULATIVE
 
@@ -91,6 +93,12 @@ PERFORMANCE = (
 HEALTH = ("ml.model.health.score", "1", "Model health score, 0-100.")
 # Counters of live values per psi bin since the reference was set, and the reference's own
 # proportions per bin: fleet-wide PSI in PromQL across replicas sharing a reference id.
+OVERFLOW = (
+    "mlsidecar.engine.overflow",
+    "1",
+    "1 while a bounded attribute set of a model version (mlsidecar.overflow) folds "
+    "new keys into 'other'.",
+)
 PSI_BIN_VALUES = (
     "ml.feature.psi.bin.values",
     "{value}",
@@ -121,6 +129,8 @@ class EngineMetricsProducer:
         self._engine = engine
         self._resource = resource
         self._clock = clock
+        # (model, version, kind) already logged: one warning per overflow, not per collection.
+        self._overflow_logged: set[tuple[str, str, str]] = set()
 
     def produce(self) -> list[Metric]:
         snapshots = self._engine.snapshots()
@@ -134,9 +144,13 @@ class EngineMetricsProducer:
         scores: list[HistogramDataPoint] = []
         bin_values: list[NumberDataPoint] = []
         bin_reference: list[NumberDataPoint] = []
+        overflow: list[NumberDataPoint] = []
         for snap in snapshots:
             base = _model_attributes(snap)
             start = snap.start_unix_nano
+            for kind in snap.overflowed:
+                overflow.append(NumberDataPoint({**base, "mlsidecar.overflow": kind}, 0, now, 1))
+                self._log_overflow(snap, kind)
             for series in snap.psi_bins:
                 feature = {
                     **base,
@@ -175,8 +189,23 @@ class EngineMetricsProducer:
             _histogram(SCORE, scores),
             _sum(PSI_BIN_VALUES, bin_values),
             _gauge(PSI_BIN_REFERENCE, bin_reference),
+            _gauge(OVERFLOW, overflow),
         ]
         return [m for m in metrics if _has_points(m)]
+
+    def _log_overflow(self, snap: ModelSnapshot, kind: str) -> None:
+        key = (snap.model, snap.version, kind)
+        if key in self._overflow_logged:
+            return
+        self._overflow_logged.add(key)
+        log.warning(
+            "model %s version %s: more distinct %s than the agent keeps; the rest are "
+            "counted as 'other' (limits: docs/metrics.md#cardinality)",
+            snap.model,
+            snap.version,
+            kind.replace("_", " "),
+            extra={"ml.model.name": snap.model, "ml.model.version": snap.version},
+        )
 
     def _health_gauges(self, snapshots: Sequence[ModelSnapshot], now: int) -> list[Metric]:
         points: dict[tuple[str, str, str], list[NumberDataPoint]] = {}
