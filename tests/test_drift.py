@@ -467,3 +467,19 @@ def test_dataset_drifts_when_the_share_of_drifted_features_reaches_the_threshold
     assert dataset_drift([]) == (None, False)
     with pytest.raises(ValueError, match="share"):
         dataset_drift([], share=1.5)
+
+
+def test_the_default_js_threshold_is_evidentlys_decision_in_base_2():
+    """Evidently 0.7 calls scipy's jensenshannon without ``base`` (natural log) and flags
+    at 0.1; the same pairs of distributions must be flagged by our base-2 distance."""
+    rng = np.random.default_rng(8)
+    flagged = 0
+    for _ in range(500):  # pairs near each other: distances on both sides of the threshold
+        p = rng.dirichlet(np.ones(10))
+        q = rng.dirichlet(p * rng.uniform(5, 500) + 0.01)
+        natural, base2 = jensenshannon(p, q), jensenshannon(p, q, base=2)
+        if abs(natural - 0.1) > 1e-4:  # away from the rounding of the threshold
+            assert (natural >= 0.1) == (base2 >= DEFAULT_THRESHOLDS["jensenshannon"])
+            flagged += natural >= 0.1
+    assert 50 < flagged < 450
+    assert DEFAULT_THRESHOLDS["jensenshannon"] == 0.1201

@@ -35,8 +35,17 @@ DriftMethod = Literal["psi", "ks", "wasserstein", "jensenshannon", "chisquare"]
 DRIFT_METHODS: tuple[str, ...] = get_args(DriftMethod)
 FeatureKind = Literal["numeric", "categorical"]
 # Evidently's defaults: p-value thresholds for the tests, distance thresholds otherwise.
+# Evidently's JS threshold (0.1) is on scipy's natural-log distance; ours is base 2 (in
+# [0, 1]), which is the natural-log distance / sqrt(ln 2): the same decision is 0.1201.
+JS_BASE2_THRESHOLD = round(0.1 / math.sqrt(math.log(2.0)), 4)
 DEFAULT_THRESHOLDS: Mapping[str, float] = MappingProxyType(
-    {"psi": 0.1, "ks": 0.05, "wasserstein": 0.1, "jensenshannon": 0.1, "chisquare": 0.05}
+    {
+        "psi": 0.1,
+        "ks": 0.05,
+        "wasserstein": 0.1,
+        "jensenshannon": JS_BASE2_THRESHOLD,
+        "chisquare": 0.05,
+    }
 )
 # Methods whose decision is ``p_value < threshold`` (the others: ``score >= threshold``).
 TEST_METHODS = frozenset({"ks", "chisquare"})
