@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest proto proto-lint bench system-deps clean
+.PHONY: install demo test lint typecheck pytest proto proto-lint bench bench-peers bench-memory system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +48,23 @@ proto-lint:
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
 
+# whylogs and Evidently side by side with the engine: they get their own venv, never .venv.
+BENCH_VENV  ?= .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[bench-peers]'
+	touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/peers.py $(BENCH_ARGS)
+
+# RSS over 10 M events: the engine in-process, then the real agent over gRPC.
+bench-memory: $(STAMP)
+	$(BIN)/python bench/memory.py --mode engine $(BENCH_ARGS)
+	$(BIN)/python bench/memory.py --mode agent $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

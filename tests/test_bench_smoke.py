@@ -1,0 +1,65 @@
+"""The benchmarks still run: a small engine-memory run and our side of the peers bench.
+
+They print figures rather than assert them; these only check that each exits 0 and prints
+its table, verdict and JSON summary (the figures themselves are for bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout.splitlines()
+
+
+def test_memory_bench_in_engine_mode_prints_rss_per_checkpoint_and_a_verdict():
+    lines = run_bench("bench/memory.py", "--mode", "engine", "--events", "200000")
+    header = next(line for line in lines if "RSS MB" in line)
+    assert header.split() == ["events", "RSS", "MB", "anon", "MB", "peak", "MB", "s", "events/s"]
+    rows = [line.split()[0] for line in lines[lines.index(header) + 1 :][:6]]
+    assert rows == ["0", "20,000", "50,000", "100,000", "150,000", "200,000"]
+    assert any(line.startswith("growth 0.1 M -> 0.2 M events:") for line in lines)
+    assert any(line.startswith("verdict: peak RSS") for line in lines)
+    assert "counted: 200,000 events (verified)" in lines
+    summary = json.loads(lines[-1])
+    assert summary["bench"] == "memory" and summary["mode"] == "engine"
+    assert [c["events"] for c in summary["checkpoints"]] == [
+        0,
+        20_000,
+        50_000,
+        100_000,
+        150_000,
+        200_000,
+    ]
+    assert all(c["rss_mb"] > 0 for c in summary["checkpoints"])
+    assert summary["within_bound"] is True  # 200 k events stay far below 200 MB
+
+
+def test_peers_bench_runs_our_side_alone_and_agrees_with_the_exact_drift_decisions():
+    lines = run_bench("bench/peers.py", "--quick", "--ours-only")
+    assert "peers: skipped (--ours-only)" in lines
+    assert any("ours: Engine.observe_predictions" in line and "rows/s" in line for line in lines)
+    assert any("ours: reference + count + report" in line for line in lines)
+    assert any(line.split()[:3] == ["feature", "injected", "ours"] for line in lines)
+    assert "  agreement on drifted or not: ours vs exact 20/20, ours vs injected 20/20" in lines
+    summary = json.loads(lines[-1])
+    assert summary["versions"] == {"whylogs": None, "evidently": None, "pandas": None}
+    assert summary["profiling"]["rows"] == 20_000
+    assert summary["profiling"]["ours_rows_per_s"] > 0
+    (drift,) = summary["drift"]
+    assert drift["rows"] == 10_000 and drift["ours_s"] > 0
+    assert drift["agree_exact"] == drift["agree_injected"] == 20
