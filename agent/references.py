@@ -5,6 +5,10 @@
     profile = references.from_document("churn", "v1", body, now_unix_nano=time.time_ns())
     references.save(profile)
 
+    uploads = ReferenceUploads(references, install=agent.install_reference,
+                               latest_version=agent.latest_version, max_bytes=16 << 20)
+    uploaded = await uploads.put("churn", "v1", raw_json_bytes)   # HTTP PUT and gRPC PutReference
+
 A document is either a reference file (what ``mlsidecar reference build`` writes,
 recognised by its ``schema_version``) or raw sample columns::
 
@@ -14,17 +18,20 @@ recognised by its ``schema_version``) or raw sample columns::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.config import Settings
-from agent.engine import ReferenceProfile
+from agent.config import MODEL_NAME_PATTERN, Settings
+from agent.engine import ModelLimitError, ReferenceProfile
+from agent.ingest.decode import VERSION_PATTERN
 from agent.store.references import ReferenceStore, ReferenceStoreError
 
 log = logging.getLogger(__name__)
@@ -81,11 +88,14 @@ class References:
         )
 
     def from_document(
-        self, model: str, version: str, document: Any, *, now_unix_nano: int
+        self, model: str, version: str, document: Any, *, now_unix_nano: int, field: str = "body"
     ) -> ReferenceProfile:
-        """A reference file or raw sample columns, for ``model`` / ``version``; ValueError names the field."""
+        """A reference file or raw sample columns, for ``model`` / ``version``; ValueError names the field.
+
+        ``field`` names the whole document in errors (``body`` over HTTP, ``document`` over gRPC).
+        """
         if not isinstance(document, Mapping):
-            raise ValueError("body: expected a JSON object")
+            raise ValueError(f"{field}: expected a JSON object")
         if "schema_version" in document:
             profile = ReferenceProfile.from_dict(dict(document))
             return dataclasses.replace(profile, model=model, version=version, source="upload")
@@ -103,6 +113,131 @@ class References:
             psi_bins=engine.psi_bins,
             cdf_bins=engine.cdf_bins,
             top_k=engine.top_k,
+        )
+
+
+class ReferenceRejected(ValueError):
+    """An upload refused; ``reason`` is a short label. None is transient: the same request
+    fails again.
+
+    ``invalid_model`` (model or version), ``invalid_reference`` (the document) and
+    ``reference_too_large`` change nothing. ``too_many_models`` (the engine tracks
+    ``ingest.max_models`` versions already) comes after the reference was stored: the
+    version finds it once the engine tracks it.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UploadedReference:
+    """What an upload installed: the answer of HTTP PUT and of gRPC PutReference."""
+
+    model: str
+    version: str
+    id: str
+    source: str
+    rows: int
+    features: list[str]
+
+    @classmethod
+    def of(cls, profile: ReferenceProfile) -> UploadedReference:
+        return cls(
+            profile.model,
+            profile.version,
+            profile.id,
+            profile.source,
+            profile.rows,
+            sorted(profile.features),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ReferenceUploads:
+    """Reference uploads, one code path for ``PUT /v1/models/{model}/reference`` and gRPC
+    ``PutReference``: the same checks, limits, errors and effect whatever the transport.
+
+        uploads = ReferenceUploads(references, install=agent.install_reference,
+                                   latest_version=agent.latest_version, max_bytes=16 << 20)
+        uploaded = await uploads.put("churn", "v3", Path("churn-ref.json").read_bytes())
+        uploaded.id, uploaded.rows, uploaded.features      # ReferenceRejected names the field
+
+    Authorisation is the transport's job (its admin-token check runs before ``put``).
+    """
+
+    def __init__(
+        self,
+        references: References,
+        *,
+        install: Callable[[ReferenceProfile], None],
+        latest_version: Callable[[str], str | None],
+        max_bytes: int,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.references = references
+        self._install = install
+        self._latest_version = latest_version
+        self.max_bytes = max_bytes
+        self._clock = clock
+
+    def check_size(self, size: int, field: str) -> None:
+        """Refuse an upload of ``size`` bytes before reading it further."""
+        if size > self.max_bytes:
+            raise ReferenceRejected(
+                "reference_too_large",
+                f"{field}: {size} bytes, over ingest.max_message_bytes={self.max_bytes}; "
+                "profile a large sample with `mlsidecar reference build` and upload the file",
+            )
+
+    async def put(
+        self, model: str, version: str | None, raw: bytes, *, field: str = "body"
+    ) -> UploadedReference:
+        """Profile (or read) ``raw``, store it, then judge ``model`` / ``version`` against it.
+
+        ``version`` None means the model's latest version seen, or "" if it sent nothing.
+        ``field`` names the document in errors. The reference in use is unchanged when
+        this raises.
+        """
+        if not MODEL_NAME_PATTERN.fullmatch(model):
+            what = (
+                f"{model[:140]!r} does not match [A-Za-z0-9._-]{{1,128}}" if model else "is empty"
+            )
+            raise ReferenceRejected("invalid_model", f"model: {what}")
+        if version is None:
+            version = self._latest_version(model) or ""
+        elif not VERSION_PATTERN.fullmatch(version):
+            raise ReferenceRejected(
+                "invalid_model",
+                f"model_version: {version[:140]!r} must be at most 128 printable ASCII "
+                "characters without spaces",
+            )
+        self.check_size(len(raw), field)
+        try:  # off the event loop: parsing and profiling up to max_bytes of JSON takes a while
+            profile = await asyncio.to_thread(
+                self._profile, model, version, raw, field, self._clock()
+            )
+        except ValueError as error:
+            raise ReferenceRejected("invalid_reference", str(error)) from None
+        try:
+            await asyncio.to_thread(self._install, profile)
+        except ModelLimitError as error:
+            raise ReferenceRejected("too_many_models", str(error)) from None
+        return UploadedReference.of(profile)
+
+    def _profile(
+        self, model: str, version: str, raw: bytes, field: str, now_unix_nano: int
+    ) -> ReferenceProfile:
+        try:
+            document = json.loads(raw) if raw.strip() else None
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{field}: not valid JSON: {error}") from None
+        return self.references.from_document(
+            model, version, document, now_unix_nano=now_unix_nano, field=field
         )
 
 

@@ -945,6 +945,8 @@ def test_server_reflection_lists_and_describes_the_ingest_service(shared):
         "SubmitOutcomes": "mlsidecar.v1.OutcomeBatch",
         "StreamEvents": "mlsidecar.v1.EventBatch",
         "GetModelHealth": "mlsidecar.v1.ModelHealthRequest",
+        "PutReference": "mlsidecar.v1.PutReferenceRequest",
+        "GetReference": "mlsidecar.v1.GetReferenceRequest",
     }
 
 

@@ -295,6 +295,116 @@ def test_row_form_batches_link_to_the_model_requests_too(agent):
     assert links == [(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"))]
 
 
+OUTCOME_SPAN = "mlsidecar.v1.Ingest/SubmitOutcomes"
+
+
+def spans_named(harness: AgentHarness, name: str) -> list[Any]:
+    return [s for s in harness.spans.get_finished_spans() if s.name == name]
+
+
+def linked(span: Any) -> dict[tuple[int, int], dict[str, Any]]:
+    """The span's links: (trace id, span id) -> the link's attributes."""
+    return {
+        (link.context.trace_id, link.context.span_id): dict(link.attributes) for link in span.links
+    }
+
+
+def context_of(trace_id: bytes, span_id: bytes) -> tuple[int, int]:
+    return int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big")
+
+
+def test_an_outcome_span_links_to_the_model_requests_of_the_predictions_it_joined(agent):
+    rng = np.random.default_rng(7)
+    ids = ["a", "b", "c", "d", "e"]
+    trace_ids = [rng.bytes(16) for _ in range(3)] + [b"", b""]  # d and e: no trace context
+    span_ids = [rng.bytes(8) for _ in range(3)] + [b"", b""]
+    stub = agent.stub()
+    stub.SubmitPredictions(
+        pb.PredictionBatch(
+            model=MODEL, ids=ids, scores=[0.5] * 5, trace_ids=trace_ids, span_ids=span_ids
+        )
+    )
+    outcomes = pb.OutcomeBatch(model=MODEL, ids=["b", "c", "d", "nobody"], actual_values=[1] * 4)
+    assert stub.SubmitOutcomes(outcomes).accepted == 4
+
+    (span,) = spans_named(agent, OUTCOME_SPAN)
+    # b and c joined and have trace context; d joined without any; "nobody" did not join.
+    assert linked(span) == {
+        context_of(trace_ids[1], span_ids[1]): {"ml.link": "prediction", "ml.prediction.id": "b"},
+        context_of(trace_ids[2], span_ids[2]): {"ml.link": "prediction", "ml.prediction.id": "c"},
+    }
+    assert span.context.trace_id not in {t for t, _ in linked(span)}, "links, not a parent"
+
+
+def test_predictions_without_trace_ids_give_their_outcomes_no_links(agent):
+    stub = agent.stub()
+    stub.SubmitPredictions(pb.PredictionBatch(model=MODEL, ids=["n1", "n2"], scores=[0.1, 0.9]))
+    zero = pb.PredictionBatch(
+        model=MODEL,
+        ids=["z1", "z2"],
+        scores=[0.1, 0.9],
+        trace_ids=[bytes(16)] * 2,  # all-zero ids mean "none"
+        span_ids=[bytes(8)] * 2,
+    )
+    stub.SubmitPredictions(zero)
+    stub.SubmitOutcomes(
+        pb.OutcomeBatch(model=MODEL, ids=["n1", "n2", "z1", "z2"], actual_values=[1] * 4)
+    )
+
+    (outcome_span,) = spans_named(agent, OUTCOME_SPAN)
+    assert outcome_span.attributes["mlsidecar.batch.rows"] == 4
+    assert list(outcome_span.links) == []
+    assert [list(s.links) for s in submit_spans(agent)] == [[], []]
+
+
+def test_an_outcome_span_links_to_at_most_8_predictions(agent):
+    rows = Rows(40, seed=3)
+    stub = agent.stub()
+    stub.SubmitPredictions(rows.batch())
+    stub.SubmitOutcomes(pb.OutcomeBatch(model=MODEL, ids=rows.ids, actual_values=rows.scores))
+
+    (span,) = spans_named(agent, OUTCOME_SPAN)
+    recorded = {
+        context_of(t, s): i for i, t, s in zip(rows.ids, rows.trace_ids, rows.span_ids, strict=True)
+    }
+    links = linked(span)
+    assert len(links) == MAX_SPAN_LINKS == 8
+    for context, attributes in links.items():
+        assert attributes["ml.prediction.id"] == recorded[context]
+
+
+def test_an_outcome_held_for_its_late_prediction_is_linked_from_a_join_span(agent):
+    stub = agent.stub()
+    stub.SubmitOutcomes(pb.OutcomeBatch(model=MODEL, ids=["late"], actual_values=[1.0]))
+    (outcome_span,) = spans_named(agent, OUTCOME_SPAN)
+    assert list(outcome_span.links) == []  # held as an orphan: nothing joined yet
+
+    trace_id, span_id = bytes(range(1, 17)), bytes(range(1, 9))
+    stub.SubmitPredictions(
+        pb.PredictionBatch(
+            model=MODEL,
+            model_version=VERSION,
+            ids=["late", "other"],
+            scores=[0.8, 0.2],
+            trace_ids=[trace_id, b""],
+            span_ids=[span_id, b""],
+        )
+    )
+    (submit,) = submit_spans(agent)
+    (join,) = spans_named(agent, "mlsidecar.join outcomes")
+    assert join.kind == SpanKind.INTERNAL
+    assert join.parent is not None and join.parent.span_id == submit.context.span_id
+    assert join.attributes["ml.model.name"] == MODEL
+    assert join.attributes["ml.model.version"] == VERSION
+    assert join.attributes["mlsidecar.join.rows"] == 1
+    assert linked(join) == {
+        context_of(trace_id, span_id): {"ml.link": "prediction", "ml.prediction.id": "late"}
+    }
+    # Without late outcomes there is no join span.
+    stub.SubmitPredictions(pb.PredictionBatch(model=MODEL, ids=["p9"], scores=[0.3]))
+    assert len(spans_named(agent, "mlsidecar.join outcomes")) == 1
+
+
 def test_http_ingest_span_is_internal_under_the_http_server_span(agent):
     body = {"model": MODEL, "ids": ["h1"], "scores": [0.4]}
     assert httpx.post(agent.api_url + "/v1/predictions", json=body).status_code == 200

@@ -14,7 +14,6 @@ import hmac
 import json
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -30,10 +29,10 @@ from prometheus_client.exposition import choose_encoder
 from agent import __version__
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent.config import MODEL_NAME_PATTERN, ApiSettings
-from agent.engine import Engine, ReferenceProfile
+from agent.engine import Engine
 from agent.ingest.decode import RejectCode, Rejected
 from agent.ingest.receiver import EventReceiver
-from agent.references import References
+from agent.references import ReferenceRejected, References, ReferenceUploads
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +69,8 @@ def build_app(
     readiness: Callable[[], dict[str, bool]],
     prometheus_registry: CollectorRegistry | None = None,
     references: References | None = None,
-    install_reference: Callable[[ReferenceProfile], None] | None = None,
+    reference_uploads: ReferenceUploads | None = None,
     forget_pending: Callable[[str], Awaitable[int]] | None = None,
-    clock: Callable[[], int] = time.time_ns,
 ) -> FastAPI:
     app = FastAPI(
         title="mlsidecar admin API",
@@ -198,35 +196,16 @@ def build_app(
     ) -> JSONResponse:
         """Upload a reference: a `mlsidecar reference build` file, or raw sample columns
         `{"features": {"age": [..], "city": [..]}, "scores": [..], "labels": [..]}`.
-        Needs the admin token when one is set."""
+        Needs the admin token when one is set. Same code path as gRPC PutReference."""
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        if (refusal := invalid_model(model)) is not None:
-            return refusal
-        if references is None or install_reference is None:
+        if reference_uploads is None:
             return _error(501, "UNIMPLEMENTED", "no_reference_store", "references are not enabled")
-        if version is None:
-            latest = engine.report(model)
-            version = "" if latest is None else str(latest["version"])
-        body = await request.body()
         try:
-            document = json.loads(body) if body.strip() else None
-            profile = await asyncio.to_thread(
-                references.from_document, model, version, document, now_unix_nano=clock()
-            )
-        except ValueError as error:
-            return _error(400, "INVALID_ARGUMENT", "invalid_reference", str(error))
-        await asyncio.to_thread(install_reference, profile)
-        return JSONResponse(
-            {
-                "model": model,
-                "version": version,
-                "id": profile.id,
-                "source": profile.source,
-                "rows": profile.rows,
-                "features": sorted(profile.features),
-            }
-        )
+            uploaded = await reference_uploads.put(model, version, await request.body())
+        except ReferenceRejected as error:
+            return _error(400, "INVALID_ARGUMENT", error.reason, error.message)
+        return JSONResponse(uploaded.to_dict())
 
     async def ingest(request: Request, message_type: type[Message], accept: Any) -> JSONResponse:
         method = "http:" + request.url.path

@@ -4,7 +4,8 @@ Handlers receive raw bytes (no deserializer), so the message size limit is
 checked before parsing and answered with INVALID_ARGUMENT (a static limit),
 and a malformed message is a clear INVALID_ARGUMENT rather than a transport error.
 
-    server = IngestServer(settings.ingest, receiver, engine)
+    server = IngestServer(settings.ingest, receiver, engine,
+                          reference_uploads=uploads, admin_token=settings.api.admin_token)
     await server.start()      # server.port is the bound port (listen "127.0.0.1:0" picks one)
     await server.drain()      # new batches get UNAVAILABLE, health turns NOT_SERVING
     await server.stop(grace=5.0)
@@ -13,6 +14,7 @@ and a malformed message is a clear INVALID_ARGUMENT rather than a transport erro
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,12 +24,14 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import SecretStr
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
-from agent.config import MODEL_NAME_PATTERN, IngestSettings
+from agent.config import MODEL_NAME_PATTERN, IngestSettings, is_loopback
 from agent.engine import Engine
 from agent.ingest.decode import RejectCode, Rejected
 from agent.ingest.receiver import Ack, EventReceiver
+from agent.references import ReferenceRejected, ReferenceUploads
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +60,40 @@ def report_struct(report: dict[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
-class IngestServicer:
-    """The Ingest RPCs over raw bytes, delegating to an EventReceiver."""
+def _bearer_matches(metadata: Any, token: str) -> bool:
+    supplied = dict(metadata or ()).get("authorization", "")
+    return isinstance(supplied, str) and hmac.compare_digest(
+        supplied.encode(), f"Bearer {token}".encode()
+    )
 
-    def __init__(self, receiver: EventReceiver, engine: Engine) -> None:
+
+def _model_refusal(model: str) -> str | None:
+    if MODEL_NAME_PATTERN.fullmatch(model):
+        return None
+    return f"model: {model[:140]!r} does not match [A-Za-z0-9._-]{{1,128}}"
+
+
+class IngestServicer:
+    """The Ingest RPCs over raw bytes, delegating to an EventReceiver.
+
+    State-changing RPCs (PutReference) need ``admin_token`` when it is set. Without one,
+    they are refused on an ``open_listener`` (non-loopback, neither TLS nor token).
+    """
+
+    def __init__(
+        self,
+        receiver: EventReceiver,
+        engine: Engine,
+        *,
+        reference_uploads: ReferenceUploads | None = None,
+        admin_token: str | None = None,
+        open_listener: bool = False,
+    ) -> None:
         self._receiver = receiver
         self._engine = engine
+        self._uploads = reference_uploads
+        self._admin_token = admin_token
+        self._open_listener = open_listener
 
     async def _accept_event(self, raw: bytes, method: str) -> Ack:
         self._receiver.admit(len(raw), method)
@@ -118,11 +150,8 @@ class IngestServicer:
             request = parse(pb.ModelHealthRequest, raw, "ModelHealthRequest")
         except Rejected as error:
             await context.abort(STATUS[error.code], error.message)
-        if not MODEL_NAME_PATTERN.fullmatch(request.model):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"model: {request.model[:140]!r} does not match [A-Za-z0-9._-]{{1,128}}",
-            )
+        if (refusal := _model_refusal(request.model)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
         report = self._engine.report(request.model, request.model_version or None)
         if report is None:
             version = f" version {request.model_version!r}" if request.model_version else ""
@@ -131,6 +160,74 @@ class IngestServicer:
             )
             return None  # abort raises; this keeps the type checker informed
         return model_health_message(report)
+
+    async def put_reference(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """Like PUT /v1/models/{model}/reference, through the same ``ReferenceUploads.put``."""
+        await self._require_admin(context, "PutReference")
+        uploads = self._uploads
+        if uploads is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "references are not enabled")
+            return None  # abort raises; this keeps the type checker informed
+        try:
+            uploads.check_size(len(raw), "message")  # before parsing, as for batches
+            request = parse(pb.PutReferenceRequest, raw, "PutReferenceRequest")
+            version = request.model_version if request.HasField("model_version") else None
+            uploaded = await uploads.put(request.model, version, request.document, field="document")
+        except (Rejected, ReferenceRejected) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        return pb.PutReferenceResponse(
+            model=uploaded.model,
+            model_version=uploaded.version,
+            id=uploaded.id,
+            source=uploaded.source,
+            rows=uploaded.rows,
+            features=uploaded.features,
+        )
+
+    async def get_reference(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """Like GET /v1/models/{model}/reference; the document can be sent back to PutReference."""
+        try:
+            request = parse(pb.GetReferenceRequest, raw, "GetReferenceRequest")
+        except Rejected as error:
+            await context.abort(STATUS[error.code], error.message)
+        if (refusal := _model_refusal(request.model)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+        version = request.model_version if request.HasField("model_version") else None
+        profile = self._engine.reference(request.model, version)
+        if profile is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"model {request.model!r} has no reference yet"
+            )
+            return None  # abort raises; this keeps the type checker informed
+        # The bytes GET /v1/models/{model}/reference answers (starlette's JSON encoding).
+        document = json.dumps(
+            profile.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        )
+        return pb.GetReferenceResponse(
+            model=profile.model,
+            model_version=profile.version,
+            id=profile.id,
+            source=profile.source,
+            rows=profile.rows,
+            features=sorted(profile.features),
+            document=document.encode(),
+        )
+
+    async def _require_admin(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Abort a state-changing call that lacks the admin token (or may not run at all)."""
+        if self._admin_token is not None:
+            if not _bearer_matches(context.invocation_metadata(), self._admin_token):
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{method} needs the admin token (api.admin_token)",
+                )
+        elif self._open_listener:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} changes state, and this ingest listener accepts unauthenticated "
+                "plaintext (a non-loopback address with ingest.insecure); set api.admin_token, "
+                "or ingest.token or ingest.tls",
+            )
 
     def _parse_counted(self, message_type: type[Message], raw: bytes, method: str) -> Any:
         try:
@@ -151,6 +248,8 @@ class IngestServicer:
                 "SubmitPredictions": unary(self.submit_predictions),
                 "SubmitOutcomes": unary(self.submit_outcomes),
                 "GetModelHealth": unary(self.get_model_health),
+                "PutReference": unary(self.put_reference),
+                "GetReference": unary(self.get_reference),
                 "StreamEvents": grpc.stream_stream_rpc_method_handler(
                     self.stream_events, request_deserializer=None, response_serializer=_serialize
                 ),
@@ -175,10 +274,12 @@ def _serialize(message: Message) -> bytes:
 
 
 class _BearerToken(grpc.aio.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on every RPC but the health service."""
+    """Require ``authorization: Bearer <token>``, one of ``tokens``, on every RPC but the
+    health service. The admin token is among them: a call carries one authorization header,
+    so a state-changing RPC could never be reached if it were refused here."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: list[str]) -> None:
+        self._tokens = tokens
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -193,20 +294,41 @@ class _BearerToken(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith("/grpc.health.v1.Health/"):
             return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        supplied = metadata.get("authorization", "")
-        if isinstance(supplied, str) and hmac.compare_digest(supplied.encode(), self._expected):
+        metadata = details.invocation_metadata
+        # Every token is compared (no early exit), so timing does not tell which one matched.
+        if any([_bearer_matches(metadata, token) for token in self._tokens]):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/StreamEvents") else self._deny
 
 
 class IngestServer:
-    """Owns the grpc.aio server; start/drain/stop in the agent's lifecycle."""
+    """Owns the grpc.aio server; start/drain/stop in the agent's lifecycle.
 
-    def __init__(self, settings: IngestSettings, receiver: EventReceiver, engine: Engine) -> None:
+    ``admin_token`` (``api.admin_token``) guards the state-changing RPCs, as it guards the
+    state-changing endpoints of the admin API.
+    """
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        receiver: EventReceiver,
+        engine: Engine,
+        *,
+        reference_uploads: ReferenceUploads | None = None,
+        admin_token: SecretStr | None = None,
+    ) -> None:
         self.settings = settings
         self.receiver = receiver
-        self.servicer = IngestServicer(receiver, engine)
+        self._admin_token = None if admin_token is None else admin_token.get_secret_value()
+        self.servicer = IngestServicer(
+            receiver,
+            engine,
+            reference_uploads=reference_uploads,
+            admin_token=self._admin_token,
+            open_listener=not is_loopback(settings.host)
+            and settings.tls is None
+            and settings.token is None,
+        )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -214,7 +336,12 @@ class IngestServer:
     async def start(self) -> None:
         s = self.settings
         hard_limit = max(s.max_message_bytes * HARD_SIZE_FACTOR, 4 * 1024 * 1024)
-        interceptors = [] if s.token is None else [_BearerToken(s.token.get_secret_value())]
+        interceptors = []
+        if s.token is not None:
+            tokens = [s.token.get_secret_value()]
+            if self._admin_token is not None:
+                tokens.append(self._admin_token)
+            interceptors.append(_BearerToken(tokens))
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=s.max_in_flight,

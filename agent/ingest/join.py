@@ -5,10 +5,11 @@ prediction batch before acknowledging it, takes the predictions an outcome batch
 and hands joined pairs to the engine per model version.
 
     joiner = OutcomeJoiner(engine, store, OrphanOutcomes(grace_s=60))
-    await joiner.keep_pending(cols)       # before the ack: durable once this returns
-    await joiner.release_held(cols)       # outcomes that arrived before these predictions
-    await joiner.join(outcomes)           # joined pairs -> engine; the rest are held briefly
-    await joiner.expire(now)              # unmatched predictions, orphaned outcomes -> engine
+    await joiner.keep_pending(cols)         # before the ack: durable once this returns
+    late = await joiner.release_held(cols)  # outcomes that arrived before these predictions
+    joined = await joiner.join(outcomes)    # joined pairs -> engine; the rest are held briefly
+    joined.trace_id(0), joined.span_id(0)   # the model request of outcome 0's prediction
+    await joiner.expire(now)                # unmatched predictions, orphaned outcomes -> engine
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ class OutcomeJoiner:
     async def keep_pending(self, cols: PredictionColumns) -> None:
         await self.store.put(PendingBatch.from_columns(cols))
 
-    async def release_held(self, cols: PredictionColumns) -> None:
-        """Outcomes held because their prediction had not arrived: join them now."""
+    async def release_held(self, cols: PredictionColumns) -> JoinedPredictions | None:
+        """Outcomes held because their prediction had not arrived: join them now.
+
+        Returns the predictions they joined, or None when no outcome was waiting for these.
+        """
         late = self.orphans.match(cols.model, cols.ids)  # no copy: usually nothing is held
         if late.rows == 0:
-            return
+            return None
         joined = await self.store.take(late.model, late.ids)
         self._observe(
             joined,
@@ -48,9 +52,11 @@ class OutcomeJoiner:
                 late.timestamps_unix_nano > 0, late.timestamps_unix_nano, late.received_unix_nano
             ),
         )
+        return joined
 
-    async def join(self, outcomes: OutcomeColumns) -> int:
-        """Join ``outcomes`` to their predictions; returns how many joined."""
+    async def join(self, outcomes: OutcomeColumns) -> JoinedPredictions:
+        """Join ``outcomes`` to their predictions; returns them, row i answering outcome i
+        (``found`` marks the rows that joined; the others are held as orphans)."""
         joined = await self.store.take(outcomes.model, list(outcomes.ids))
         at = (
             outcomes.timestamps_unix_nano
@@ -60,7 +66,7 @@ class OutcomeJoiner:
         self._observe(joined, outcomes.actual_values, outcomes.actual_labels, at)
         if joined.joined < outcomes.rows:
             self.orphans.hold(outcomes, ~joined.found)
-        return joined.joined
+        return joined
 
     def _observe(
         self,

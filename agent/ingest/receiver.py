@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
@@ -29,9 +30,11 @@ from agent.ingest.decode import (
     decode_predictions,
 )
 from agent.ingest.join import OutcomeJoiner
-from agent.store import StoreError, StoreFullError
+from agent.store import JoinedPredictions, StoreError, StoreFullError
 
+# Span links per span: enough to reach a few examples, not one per row.
 MAX_SPAN_LINKS = 8
+JOIN_SPAN = "mlsidecar.join outcomes"
 # kind, model, model version, batch_id
 DedupKey = tuple[str, str, str, str]
 
@@ -185,7 +188,7 @@ class EventReceiver:
             set_status_on_exception=False,
         ) as span:
             try:
-                ack, cols = await self._process(kind, batch)
+                ack, links = await self._process(kind, batch)
             except Rejected as error:
                 span.set_status(Status(StatusCode.ERROR, error.message))
                 span.set_attribute("error.type", error.reason)
@@ -194,8 +197,8 @@ class EventReceiver:
             span.set_attribute("mlsidecar.batch.rows", ack.accepted)
             if ack.duplicate:
                 span.set_attribute("mlsidecar.batch.duplicate", True)
-            if cols is not None and cols.trace_ids and cols.span_ids:
-                _link_model_requests(span, cols.trace_ids, cols.span_ids)
+            for link in links:
+                span.add_link(link.context, link.attributes)
         result = "duplicate" if ack.duplicate else "accepted"
         self._batches.add(1, {"rpc.method": method, "mlsidecar.result": result})
         if not ack.duplicate:
@@ -205,8 +208,9 @@ class EventReceiver:
 
     async def _process(
         self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch
-    ) -> tuple[Ack, PredictionColumns | None]:
-        """The ack, and the decoded predictions (None for outcomes and duplicates).
+    ) -> tuple[Ack, list[trace.Link]]:
+        """The ack, and the batch span's links to the model requests of its predictions
+        (those it carried, or those its outcomes joined; none for duplicates).
 
         A prediction batch is in the pending store before it is counted or acknowledged,
         and its batch_id is remembered only then: a batch whose store write failed is
@@ -215,14 +219,14 @@ class EventReceiver:
         key = (kind, batch.model, batch.model_version, batch.batch_id)
         rows = self._dedup.seen(key)
         if rows is not None:
-            return Ack(rows, duplicate=True), None
+            return Ack(rows, duplicate=True), []
         if batch.batch_id:
             # A retry that arrives while the first copy is still being stored waits for it.
             while (first := self._in_flight.get(key)) is not None:
                 await asyncio.shield(first)
                 rows = self._dedup.seen(key)
                 if rows is not None:
-                    return Ack(rows, duplicate=True), None
+                    return Ack(rows, duplicate=True), []
             done = self._in_flight[key] = asyncio.get_running_loop().create_future()
             try:
                 return await self._process_new(kind, batch, key)
@@ -233,9 +237,9 @@ class EventReceiver:
 
     async def _process_new(
         self, kind: str, batch: pb.PredictionBatch | pb.OutcomeBatch, key: DedupKey
-    ) -> tuple[Ack, PredictionColumns | None]:
+    ) -> tuple[Ack, list[trace.Link]]:
         now = self._clock()
-        cols = None
+        links: list[trace.Link] = []
         joiner = self._joiner
         try:
             if isinstance(batch, pb.PredictionBatch):
@@ -244,13 +248,17 @@ class EventReceiver:
                     await joiner.keep_pending(cols)
                 self._engine.observe_predictions(cols)
                 if joiner is not None:
-                    await joiner.release_held(cols)
+                    await self._join_late_outcomes(joiner, cols)
+                if cols.trace_ids and cols.span_ids:
+                    carried = zip(cols.ids, cols.trace_ids, cols.span_ids, strict=True)
+                    links = prediction_links(carried)
                 rows = cols.rows
             else:
                 outcomes = decode_outcomes(batch, self._limits, received_unix_nano=now)
                 self._engine.observe_outcomes(outcomes)
                 if joiner is not None:
-                    await joiner.join(outcomes)
+                    joined = await joiner.join(outcomes)
+                    links = prediction_links(traced_predictions(joined))
                 rows = outcomes.rows
         except ModelLimitError as error:
             raise Rejected("too_many_models", str(error)) from None
@@ -267,27 +275,63 @@ class EventReceiver:
                 RejectCode.UNAVAILABLE,
             ) from None
         self._dedup.remember(key, rows)
-        return Ack(rows), cols
+        return Ack(rows), links
+
+    async def _join_late_outcomes(self, joiner: OutcomeJoiner, cols: PredictionColumns) -> None:
+        """Join the outcomes that were waiting for ``cols``; their own spans have ended, so a
+        short INTERNAL join span (under this batch's span) links to those predictions."""
+        started = time.time_ns()
+        late = await joiner.release_held(cols)
+        if late is None:
+            return
+        span = self._tracer.start_span(
+            JOIN_SPAN,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "ml.model.name": cols.model,
+                "ml.model.version": cols.version,
+                "mlsidecar.join.rows": late.joined,
+            },
+            links=prediction_links(traced_predictions(late)),
+            start_time=started,
+        )
+        span.end()
 
 
-def _link_model_requests(
-    span: trace.Span, trace_ids: Sequence[bytes], span_ids: Sequence[bytes]
-) -> None:
-    """Link the ingest span to a few of the model requests whose predictions it carried."""
+def prediction_links(predictions: Iterable[tuple[str, bytes, bytes]]) -> list[trace.Link]:
+    """Span links to the model requests of a few predictions, given as (prediction id,
+    trace id, span id): at most MAX_SPAN_LINKS, one per distinct trace. A prediction
+    without a (non-zero) trace or span id gets no link.
+
+    >>> links = prediction_links([("p1", bytes(range(1, 17)), bytes(range(1, 9)))])
+    >>> links[0].attributes
+    {'ml.link': 'prediction', 'ml.prediction.id': 'p1'}
+    """
+    links: list[trace.Link] = []
     seen: set[bytes] = set()
-    for row, trace_id in enumerate(trace_ids):
-        if len(seen) >= MAX_SPAN_LINKS:
+    for prediction_id, trace_id, span_id in predictions:
+        if len(links) >= MAX_SPAN_LINKS:
             break
-        if len(trace_id) != 16 or trace_id in seen:
+        if len(trace_id) != 16 or len(span_id) != 8 or trace_id in seen:
             continue
-        span_id = span_ids[row] if row < len(span_ids) else b""
-        if len(span_id) != 8:
-            continue
-        seen.add(trace_id)
         context = SpanContext(
             int.from_bytes(trace_id, "big"),
             int.from_bytes(span_id, "big"),
             is_remote=True,
             trace_flags=TraceFlags(TraceFlags.SAMPLED),
         )
-        span.add_link(context, {"ml.link": "prediction"})
+        if not context.is_valid:  # all-zero ids mean "none"
+            continue
+        seen.add(trace_id)
+        links.append(
+            trace.Link(context, {"ml.link": "prediction", "ml.prediction.id": prediction_id})
+        )
+    return links
+
+
+def traced_predictions(joined: JoinedPredictions) -> Iterator[tuple[str, bytes, bytes]]:
+    """(prediction id, trace id, span id) of the joined predictions that recorded both ids,
+    lazily: the links need only the first few."""
+    traced = joined.found & joined.trace_ids.any(axis=1) & joined.span_ids.any(axis=1)
+    for row in np.flatnonzero(traced).tolist():
+        yield joined.ids[row], joined.trace_id(row), joined.span_id(row)

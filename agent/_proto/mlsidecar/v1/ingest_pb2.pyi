@@ -173,3 +173,55 @@ class ModelHealth(_message.Message):
     window_start_unix_nano: int
     window_end_unix_nano: int
     def __init__(self, report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., health_score: _Optional[float] = ..., window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ...) -> None: ...
+
+class PutReferenceRequest(_message.Message):
+    __slots__ = ("model", "model_version", "document")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    document: bytes
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...
+
+class PutReferenceResponse(_message.Message):
+    __slots__ = ("model", "model_version", "id", "source", "rows", "features")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    id: str
+    source: str
+    rows: int
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., source: _Optional[str] = ..., rows: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetReferenceRequest(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetReferenceResponse(_message.Message):
+    __slots__ = ("model", "model_version", "id", "source", "rows", "features", "document")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    id: str
+    source: str
+    rows: int
+    features: _containers.RepeatedScalarFieldContainer[str]
+    document: bytes
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., source: _Optional[str] = ..., rows: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., document: _Optional[bytes] = ...) -> None: ...

@@ -55,6 +55,16 @@ class IngestStub:
                 request_serializer=mlsidecar_dot_v1_dot_ingest__pb2.ModelHealthRequest.SerializeToString,
                 response_deserializer=mlsidecar_dot_v1_dot_ingest__pb2.ModelHealth.FromString,
                 _registered_method=True)
+        self.PutReference = channel.unary_unary(
+                '/mlsidecar.v1.Ingest/PutReference',
+                request_serializer=mlsidecar_dot_v1_dot_ingest__pb2.PutReferenceRequest.SerializeToString,
+                response_deserializer=mlsidecar_dot_v1_dot_ingest__pb2.PutReferenceResponse.FromString,
+                _registered_method=True)
+        self.GetReference = channel.unary_unary(
+                '/mlsidecar.v1.Ingest/GetReference',
+                request_serializer=mlsidecar_dot_v1_dot_ingest__pb2.GetReferenceRequest.SerializeToString,
+                response_deserializer=mlsidecar_dot_v1_dot_ingest__pb2.GetReferenceResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -91,6 +101,22 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutReference(self, request, context):
+        """PutReference replaces the reference profile a model version is judged against,
+        like PUT /v1/models/{model}/reference: the same document, checks and errors.
+        It changes state: when api.admin_token is set, the call needs that token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReference(self, request, context):
+        """GetReference returns the reference in use, like GET /v1/models/{model}/reference.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +139,16 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.GetModelHealth,
                     request_deserializer=mlsidecar_dot_v1_dot_ingest__pb2.ModelHealthRequest.FromString,
                     response_serializer=mlsidecar_dot_v1_dot_ingest__pb2.ModelHealth.SerializeToString,
+            ),
+            'PutReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutReference,
+                    request_deserializer=mlsidecar_dot_v1_dot_ingest__pb2.PutReferenceRequest.FromString,
+                    response_serializer=mlsidecar_dot_v1_dot_ingest__pb2.PutReferenceResponse.SerializeToString,
+            ),
+            'GetReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReference,
+                    request_deserializer=mlsidecar_dot_v1_dot_ingest__pb2.GetReferenceRequest.FromString,
+                    response_serializer=mlsidecar_dot_v1_dot_ingest__pb2.GetReferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +260,60 @@ class Ingest:
             '/mlsidecar.v1.Ingest/GetModelHealth',
             mlsidecar_dot_v1_dot_ingest__pb2.ModelHealthRequest.SerializeToString,
             mlsidecar_dot_v1_dot_ingest__pb2.ModelHealth.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsidecar.v1.Ingest/PutReference',
+            mlsidecar_dot_v1_dot_ingest__pb2.PutReferenceRequest.SerializeToString,
+            mlsidecar_dot_v1_dot_ingest__pb2.PutReferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlsidecar.v1.Ingest/GetReference',
+            mlsidecar_dot_v1_dot_ingest__pb2.GetReferenceRequest.SerializeToString,
+            mlsidecar_dot_v1_dot_ingest__pb2.GetReferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
