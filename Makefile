@@ -19,12 +19,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mlsidecar demo $(DEMO_ARGS)
 
-# Debian packages the tests start for real (Prometheus scrapes a running agent).
+# Debian packages the tests start for real (Prometheus scrapes a running agent; the Redis
+# pending store is tested against a real redis-server).
 system-deps:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  echo "installing Debian package: prometheus"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing Debian package: redis-server"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check agent tests bench scripts

@@ -9,6 +9,8 @@ id, plus one segment attribute — everything a prediction keeps for its outcome
     .venv/bin/python bench/store.py --quick          # smaller counts, ~20 s (puts stay
                                                      # below a WAL checkpoint: flattering)
     .venv/bin/python bench/store.py --phases put,join --synchronous NORMAL,FULL
+    .venv/bin/python bench/store.py --backend redis  # the Redis store, on a redis-server
+                                                     # the bench starts (and flushes) itself
 
 Phases:
     put      rows/s of 1000-row puts from --concurrency threads through the writer thread:
@@ -16,17 +18,21 @@ Phases:
              plus one thread calling the store directly (no writer thread)
     join     joins/s of 1000-id takes: outcomes in prediction order, and scattered at
              random over 100 and 1000 pending batches
-    size     file bytes and index bytes per million pending rows; reopen (index rebuild)
+    size     file bytes and index bytes per million pending rows; reopen (index rebuild);
+             with Redis: the server's used_memory per million pending rows
     churn    steady state at max_pending: every put evicts the oldest batch
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -49,9 +56,18 @@ from agent.store import (  # noqa: E402
     PendingBatch,
     SqlitePendingPredictions,
 )
+from agent.store.redis import RedisPendingPredictions  # noqa: E402
 
 MODEL = "bench"
 PHASES = ("put", "join", "size", "churn")
+GROUPS = (("per-batch commit", 1), ("group commit", 1024))
+
+
+def redis_memory(args: argparse.Namespace) -> int:
+    """The bench Redis's used_memory (0 for SQLite)."""
+    if args.backend != "redis":
+        return 0
+    return int(redis.Redis.from_url(args.redis_url).info("memory")["used_memory"])
 
 
 def make_batches(count: int, rows: int, seed: int, start: int = 0) -> list[PendingBatch]:
@@ -87,6 +103,45 @@ def fresh_dir(base: str | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextmanager
+def redis_server(base: str | None) -> Iterator[str]:
+    """A throwaway redis-server (no persistence) on a free loopback port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("--backend redis needs redis-server: run `make system-deps`")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with fresh_dir(base) as directory:
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+        proc = subprocess.Popen(
+            [*command, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            for _ in range(500):
+                try:
+                    client.ping()
+                    break
+                except redis.exceptions.ConnectionError:
+                    time.sleep(0.02)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def open_store(args: argparse.Namespace, directory: Path, **options: Any) -> Any:
+    """An empty store of ``--backend``: a SQLite file in ``directory``, or the bench's Redis
+    (flushed first)."""
+    if args.backend == "redis":
+        options.pop("synchronous", None)
+        redis.Redis.from_url(args.redis_url).flushdb()
+        return RedisPendingPredictions(args.redis_url, **options)
+    return SqlitePendingPredictions(directory / "pending.db", **options)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     """(wall seconds, this process's CPU seconds) of fn()."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -111,12 +166,13 @@ def report(results: list[dict[str, Any]], **row: Any) -> None:
 def phase_put(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     batches = make_batches(args.batches, args.rows, seed=1)
     rows = args.batches * args.rows
-    for synchronous in args.synchronous:
-        for label, group in (("per-batch commit", 1), ("group commit", 1024)):
+    redis_backend = args.backend == "redis"
+    # Redis: one script per call, whatever the group; "synchronous" is the server's business.
+    groups = (("writer thread", 1024),) if redis_backend else GROUPS
+    for synchronous in ["-"] if redis_backend else args.synchronous:
+        for label, group in groups:
             with fresh_dir(args.dir) as directory:
-                store = SqlitePendingPredictions(
-                    directory / "pending.db", synchronous=synchronous, max_pending=10**9
-                )
+                store = open_store(args, directory, synchronous=synchronous, max_pending=10**9)
                 writer = GroupCommitPendingPredictions(store, max_group=group)
                 latencies: list[float] = []
 
@@ -146,11 +202,9 @@ def phase_put(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                 ack_ms_max=round(max(latencies) * 1e3, 1),
             )
         with fresh_dir(args.dir) as directory:
-            store = SqlitePendingPredictions(
-                directory / "pending.db", synchronous=synchronous, max_pending=10**9
-            )
+            store = open_store(args, directory, synchronous=synchronous, max_pending=10**9)
 
-            def direct(store: SqlitePendingPredictions = store) -> None:
+            def direct(store: Any = store) -> None:
                 for batch in batches:
                     store.put(batch)
 
@@ -172,10 +226,11 @@ def phase_join(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         pending = args.batches if spread == "in order" else int(spread)
         batches = make_batches(pending, args.rows, seed=2)
         with fresh_dir(args.dir) as directory:
-            store = SqlitePendingPredictions(directory / "pending.db", max_pending=10**9)
+            store = open_store(args, directory, max_pending=10**9)
             for batch in batches:
                 store.put(batch)
-            store.checkpoint()  # the puts' WAL is theirs to pay for, not the joins'
+            if args.backend == "sqlite":
+                store.checkpoint()  # the puts' WAL is theirs to pay for, not the joins'
             if spread == "in order":
                 takes = [list(batch.ids) for batch in batches]
             else:
@@ -186,9 +241,7 @@ def phase_join(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                 takes = [ids[i : i + args.rows] for i in range(0, len(ids), args.rows)]
             joined = 0
 
-            def run(
-                store: SqlitePendingPredictions = store, takes: list[list[str]] = takes
-            ) -> None:
+            def run(store: Any = store, takes: list[list[str]] = takes) -> None:
                 nonlocal joined
                 for ids in takes:
                     joined += store.take(MODEL, ids).joined
@@ -212,16 +265,25 @@ def phase_size(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     chunk = 100
     with fresh_dir(args.dir) as directory:
         path = directory / "pending.db"
-        store = SqlitePendingPredictions(path, max_pending=10**9)
+        store = open_store(args, directory, max_pending=10**9)
+        before = redis_memory(args)
         for start in range(0, total // args.rows, chunk):
             count = min(chunk, total // args.rows - start)
             for batch in make_batches(count, args.rows, seed=start, start=start):
                 store.put(batch)
         stats = store.stats()
         store.close()  # checkpoints the WAL into the file
-        file_bytes = path.stat().st_size
-        opened: list[SqlitePendingPredictions] = []
-        wall, _ = timed(lambda: opened.append(SqlitePendingPredictions(path)))
+        # Redis: the memory the server grew by; SQLite: the file.
+        redis_backend = args.backend == "redis"
+        file_bytes = redis_memory(args) - before if redis_backend else path.stat().st_size
+        opened: list[Any] = []
+        wall, _ = timed(
+            lambda: opened.append(
+                RedisPendingPredictions(args.redis_url)
+                if redis_backend
+                else SqlitePendingPredictions(path)
+            )
+        )
         assert opened[0].pending_count() == stats.pending
         opened[0].close()
     per_million = 1e6 / stats.pending
@@ -241,11 +303,11 @@ def phase_churn(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
     warm = make_batches(cap // args.rows, args.rows, seed=4)
     batches = make_batches(args.batches, args.rows, seed=5, start=len(warm))
     with fresh_dir(args.dir) as directory:
-        store = SqlitePendingPredictions(directory / "pending.db", max_pending=cap)
+        store = open_store(args, directory, max_pending=cap)
         for batch in warm:
             store.put(batch)
 
-        def run(store: SqlitePendingPredictions = store) -> None:
+        def run(store: Any = store) -> None:
             for batch in batches:
                 store.put(batch)
 
@@ -274,6 +336,7 @@ def main() -> None:
     parser.add_argument("--churn-pending", type=int, default=200_000)
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--dir", default=None, help="directory for the files (default: tmp)")
+    parser.add_argument("--backend", choices=["sqlite", "redis"], default="sqlite")
     parser.add_argument("--quick", action="store_true", help="smaller counts")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -287,17 +350,25 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
 
-    load = os.getloadavg()
-    print(
-        f"pending store bench: {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-        f"SQLite {__import__('sqlite3').sqlite_version}, {args.rows} rows/batch",
-        flush=True,
-    )
-    results: list[dict[str, Any]] = []
-    runners = {"put": phase_put, "join": phase_join, "size": phase_size, "churn": phase_churn}
-    for phase in phases:
-        runners[phase](args, results)
+    with contextlib.ExitStack() as stack:
+        if args.backend == "redis":
+            args.redis_url = stack.enter_context(redis_server(args.dir))
+            server = redis.Redis.from_url(args.redis_url).info("server")["redis_version"]
+            backend = f"Redis {server} (redis-py {redis.__version__})"
+        else:
+            backend = f"SQLite {__import__('sqlite3').sqlite_version}"
+        load = os.getloadavg()
+        print(
+            f"pending store bench: {platform.python_implementation()} "
+            f"{platform.python_version()}, {os.cpu_count()} CPUs, "
+            f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {backend}, "
+            f"{args.rows} rows/batch",
+            flush=True,
+        )
+        results: list[dict[str, Any]] = []
+        runners = {"put": phase_put, "join": phase_join, "size": phase_size, "churn": phase_churn}
+        for phase in phases:
+            runners[phase](args, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
