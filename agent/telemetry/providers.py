@@ -45,6 +45,7 @@ from agent import __version__
 from agent.config import TelemetrySettings
 from agent.engine import Engine
 from agent.telemetry.engine_metrics import EngineMetricsProducer, inject_engine_metrics
+from agent.telemetry.events import EVENTS_LOGGER
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,16 @@ def export_interval_ms(settings: TelemetrySettings) -> float:
     return float(settings.metric_export_interval_ms)
 
 
+def _exported_through_the_bridge(record: logging.LogRecord) -> bool:
+    """Which Python log records the OTLP log handler exports.
+
+    Not the exporters' own warnings (say, the Collector is down): exporting them through
+    the exporter that is failing feeds itself. Not the JSON-log copy of a health event:
+    ``HealthEventLog`` has already written that event to the LoggerProvider.
+    """
+    return not record.name.startswith("opentelemetry") and record.name != EVENTS_LOGGER
+
+
 class Telemetry:
     """Owns the three providers; ``shutdown`` flushes everything they hold."""
 
@@ -216,9 +227,7 @@ class Telemetry:
             self._exporters.append(log_exporter)
             self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
             self.log_handler = LoggingHandler(logger_provider=self.logger_provider)
-            # The exporters' own warnings (say, the Collector is down) must not be exported
-            # through the exporter that is failing: that feeds itself.
-            self.log_handler.addFilter(lambda record: not record.name.startswith("opentelemetry"))
+            self.log_handler.addFilter(_exported_through_the_bridge)
             self.exporting.append("otlp-logs")
 
     @property
