@@ -1,13 +1,13 @@
-"""Anomaly flags: z-scores of a stream of aggregates against its rolling (EWMA) mean and std.
+"""Anomaly flags: z-scores of streams of aggregates against their rolling (EWMA) mean and std.
 
-Feed one aggregate per batch or per window (mean score, mean latency, a feature's
-mean). Each value is scored against the statistics of the values *before* it, then
-folded in, so the baseline adapts: a lasting shift is flagged for a few
+Feed one aggregate per stream per batch or per window (mean score, mean latency, a
+feature's mean). Each value is scored against the statistics of the values *before*
+it, then folded in, so the baseline adapts: a lasting shift is flagged for a few
 observations and then becomes the new normal (how many depends on ``alpha``).
 
-    detector = EwmaDetector(half_life=20, z_threshold=3.0, warmup=20)
-    flag = detector.observe(window_mean_latency_ms)   # None while warming up
-    if flag is not None and flag.flagged: ...
+    bank = EwmaBank(["score.mean", "latency.mean"], half_life=12, z_threshold=3.0, warmup=6)
+    flags = bank.observe([window_mean_score, window_mean_latency_ms])  # z NaN while warming up
+    flags.flagged_names()  # ['latency.mean']
 
 Weights: a value that stands for ``w`` observations (e.g. ``w`` windows elapsed)
 moves the statistics as ``w`` identical observations would: ``alpha_w = 1 - (1 - alpha)**w``.
@@ -52,134 +52,6 @@ def ewma_alpha(alpha: float | None = None, half_life: float | None = None) -> fl
     return 1.0 - 0.5 ** (1.0 / half_life)
 
 
-def _check_settings(z_threshold: float, warmup: int, min_std: float) -> None:
-    if not (math.isfinite(z_threshold) and z_threshold > 0):
-        raise ValueError(f"z_threshold={z_threshold} must be a positive number")
-    if warmup < 2:
-        # Scoring needs a spread, and a spread needs two values.
-        raise ValueError(f"warmup={warmup} must be ≥ 2 observations")
-    if not (math.isfinite(min_std) and min_std >= 0):
-        raise ValueError(f"min_std={min_std} must be a number ≥ 0")
-
-
-@dataclass(frozen=True, slots=True)
-class AnomalyFlag:
-    """One scored value: how far it lies from the rolling mean, in rolling stds.
-
-    With a zero std (a so-far constant stream), a value equal to the mean has z 0,
-    and any other value z ±inf, flagged: a constant signal that changes is news.
-    """
-
-    value: float
-    expected: float
-    std: float
-    z: float
-    flagged: bool
-
-    def to_dict(self) -> dict[str, float | bool | None]:
-        """JSON-safe: an infinite z becomes None."""
-        return {
-            "value": self.value,
-            "expected": self.expected,
-            "std": self.std,
-            "z": self.z if math.isfinite(self.z) else None,
-            "flagged": self.flagged,
-        }
-
-
-class EwmaDetector:
-    """Rolling EWMA mean and variance of one stream, with z-score flags past warm-up.
-
-    >>> detector = EwmaDetector(alpha=0.1, warmup=3)
-    >>> [detector.observe(v) for v in (10.0, 11.0, 9.0)]
-    [None, None, None]
-    >>> flag = detector.observe(30.0)
-    >>> flag.flagged, round(flag.z, 1), detector.anomalies
-    (True, 24.5, 1)
-    """
-
-    __slots__ = (
-        "alpha",
-        "anomalies",
-        "mean",
-        "min_std",
-        "observations",
-        "skipped",
-        "total_weight",
-        "var",
-        "warmup",
-        "z_threshold",
-    )
-
-    def __init__(
-        self,
-        *,
-        alpha: float | None = None,
-        half_life: float | None = None,
-        z_threshold: float = 3.0,
-        warmup: int = 20,
-        min_std: float = 0.0,
-    ) -> None:
-        self.alpha = ewma_alpha(alpha, half_life)
-        _check_settings(z_threshold, warmup, min_std)
-        self.z_threshold = float(z_threshold)
-        self.warmup = warmup
-        # A floor under the std, in the stream's unit: differences below it are never news.
-        self.min_std = float(min_std)
-        self.mean = 0.0
-        self.var = 0.0
-        self.total_weight = 0.0
-        self.observations = 0
-        self.skipped = 0
-        self.anomalies = 0
-
-    @property
-    def std(self) -> float:
-        return max(math.sqrt(self.var), self.min_std)
-
-    def observe(self, value: float, weight: float = 1.0) -> AnomalyFlag | None:
-        """Score ``value`` against the values so far, then fold it in.
-
-        Returns None for a NaN or infinite value (skipped, not folded in) and
-        during warm-up (the first ``warmup`` values); an ``AnomalyFlag`` otherwise.
-        """
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight={weight} must be a positive number")
-        value = float(value)
-        if not math.isfinite(value):
-            self.skipped += 1
-            return None
-        flag = None
-        diff = value - self.mean
-        if self.observations >= self.warmup:
-            std = self.std
-            z = diff / std if std > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
-            flagged = abs(z) > self.z_threshold
-            self.anomalies += flagged
-            flag = AnomalyFlag(value, self.mean, std, z, flagged)
-        # West's incremental weighted update; equal weights until 1/t falls below alpha.
-        self.total_weight += weight
-        alpha = self.alpha if weight == 1.0 else 1.0 - (1.0 - self.alpha) ** weight
-        a = max(alpha, weight / self.total_weight)
-        increment = a * diff
-        self.mean += increment
-        self.var = (1.0 - a) * (self.var + diff * increment)
-        self.observations += 1
-        return flag
-
-    def report(self) -> dict[str, float | int | None]:
-        """Rolling statistics and counts, JSON-safe (no statistics before the first value)."""
-        seen = self.observations > 0
-        return {
-            "mean": self.mean if seen else None,
-            "std": self.std if seen else None,
-            "observations": self.observations,
-            "skipped": self.skipped,
-            "anomalies": self.anomalies,
-            "warming_up": self.observations < self.warmup,
-        }
-
-
 @dataclass(frozen=True, slots=True)
 class BankFlags:
     """One observation of every stream of an ``EwmaBank``.
@@ -204,9 +76,13 @@ class BankFlags:
 
 
 class EwmaBank:
-    """Many ``EwmaDetector`` streams updated together, one array of values per observation.
+    """Rolling EWMA mean and variance of each of several streams, with z-score flags past
+    warm-up; one array of values (one per stream) per observation.
 
-    Stream ``i`` behaves as an ``EwmaDetector`` fed the ``i``-th values (NaN: skipped).
+    Each stream is independent: its own warm-up, statistics and counts. A NaN or infinite
+    value is skipped (neither scored nor folded in, nor counted towards warm-up). With a
+    zero std (a so-far constant stream), a value equal to the mean has z 0 and any other
+    value z ±inf, flagged: a constant signal that changes is news.
 
     >>> bank = EwmaBank(["age", "income"], alpha=0.1, warmup=3)
     >>> for means in ([40.0, 50e3], [41.0, 51e3], [39.0, 49e3]):
@@ -246,9 +122,16 @@ class EwmaBank:
             raise ValueError(f"names: {duplicates[0]!r} appears more than once")
         self.index = {name: i for i, name in enumerate(self.names)}
         self.alpha = ewma_alpha(alpha, half_life)
-        _check_settings(z_threshold, warmup, min_std)
+        if not (math.isfinite(z_threshold) and z_threshold > 0):
+            raise ValueError(f"z_threshold={z_threshold} must be a positive number")
+        if warmup < 2:
+            # Scoring needs a spread, and a spread needs two values.
+            raise ValueError(f"warmup={warmup} must be ≥ 2 observations")
+        if not (math.isfinite(min_std) and min_std >= 0):
+            raise ValueError(f"min_std={min_std} must be a number ≥ 0")
         self.z_threshold = float(z_threshold)
         self.warmup = warmup
+        # A floor under the std, in the stream's unit: differences below it are never news.
         self.min_std = float(min_std)
         k = len(self.names)
         self.mean: FloatArray = np.zeros(k)
@@ -286,7 +169,7 @@ class EwmaBank:
             z = diff / std
         zero = std == 0
         if zero.any():
-            # Zero std: no move is z 0, any move ±inf (as EwmaDetector).
+            # Zero std: no move is z 0, any move ±inf.
             z[zero] = np.where(diff[zero] == 0, 0.0, np.copysign(np.inf, diff[zero]))
         if not scored.all():
             z[~scored] = np.nan

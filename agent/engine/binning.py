@@ -77,7 +77,7 @@ class _Plan(NamedTuple):
 class _Sums:
     """One group's running counts; every field has one row per feature of the group."""
 
-    __slots__ = ("above", "below", "maxs", "mins", "per_bin", "rows", "tails")
+    __slots__ = ("above", "below", "maxs", "mins", "per_bin", "rows", "tails", "total")
 
     def __init__(self, group: _Group) -> None:
         n = len(group.names)
@@ -90,6 +90,7 @@ class _Sums:
         self.maxs = np.full(n, -np.inf)
         self.below = np.zeros(n)
         self.above = np.zeros(n)
+        self.total = np.zeros(n)  # of the finite values
 
 
 class NumericTally:
@@ -183,6 +184,11 @@ class NumericTally:
         tail_sums = np.where(empty, 0.0, sums_at.reshape(-1, 2, 2)[:, :, 0])
         sums.below[sel] += tail_sums[:, 0]
         sums.above[sel] += tail_sums[:, 1]
+        if group.cdf_end > 1:  # the values between the tails, at the odd position between them
+            middle = np.where(bounds[:, 1] < bounds[:, 2], sums_at[1::4], 0.0)
+            sums.total[sel] += tail_sums[:, 0] + middle + tail_sums[:, 1]
+        else:  # one cdf bin: both tails are every finite value
+            sums.total[sel] += tail_sums[:, 0]
         missing = rows - not_nan
         out_of_range = np.where(
             group.has_range[sel], (below_min - first) + (finite_end - up_to_max), finite
@@ -201,6 +207,16 @@ class NumericTally:
             np.maximum(mine.maxs, theirs.maxs, out=mine.maxs)
             mine.below += theirs.below
             mine.above += theirs.above
+            mine.total += theirs.total
+
+    def means(self) -> dict[str, float]:
+        """Per feature with finite values counted, the mean of those values."""
+        out: dict[str, float] = {}
+        for group, sums in zip(self.block.groups, self._sums, strict=True):
+            finite = sums.tails[:, 1] - sums.tails[:, 0]
+            for r in np.flatnonzero(finite).tolist():
+                out[group.names[r]] = float(sums.total[r] / finite[r])
+        return out
 
     def psi_counts(self) -> dict[str, IntArray]:
         """Per feature of the block, its counts in the psi bins (zeros if never seen)."""

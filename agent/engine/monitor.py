@@ -257,6 +257,10 @@ class ModelMonitor:
             z_threshold=config.anomaly_z,
             warmup=config.anomaly_warmup,
         )
+        # Per numeric reference feature, its window mean ("feature.<name>.mean"); set with
+        # the reference, since its features name the streams.
+        self.feature_anomalies: EwmaBank | None = None
+        self._block_features: tuple[str, ...] = ()
         self.window_anomalies: dict[str, int] = {}
         self.windows_closed = 0
         if reference is not None:
@@ -329,6 +333,17 @@ class ModelMonitor:
         self._block = NumericBlock(numeric) if numeric else None
         self._closed_bins = BinSums(self._block)
         self.long_windows = [LongWindow(n, self._block) for n in self.config.long_windows_ns]
+        self._block_features = tuple(numeric)
+        self.feature_anomalies = (
+            None
+            if self._block is None
+            else EwmaBank(
+                [f"feature.{name}.mean" for name in numeric],
+                half_life=self.config.anomaly_half_life,
+                z_threshold=self.config.anomaly_z,
+                warmup=self.config.anomaly_warmup,
+            )
+        )
         self.warmup = None
         if hasattr(self, "current"):
             performance = self.current.performance
@@ -405,6 +420,11 @@ class ModelMonitor:
             self.window_anomalies = dict.fromkeys(flags.flagged_names(), 1)
         else:
             self.window_anomalies = {}
+        bank, tally = self.feature_anomalies, self.current.numeric
+        if bank is not None and tally is not None:
+            means = tally.means()
+            flags = bank.observe([means.get(name, np.nan) for name in self._block_features])
+            self.window_anomalies.update(dict.fromkeys(flags.flagged_names(), 1))
         self.windows_closed += 1
         self.previous = self.current
         self.current = HealthWindow(
@@ -432,6 +452,10 @@ class ModelMonitor:
             proportions = expected / total if total else np.zeros(expected.size)
             out.append(PsiBins(name, ref.id, labels, mine, proportions))
         return out
+
+    def _anomaly_streams(self) -> tuple[str, ...]:
+        features = self.feature_anomalies.names if self.feature_anomalies else ()
+        return (*ANOMALY_STREAMS, *features)
 
     @property
     def anomalies_ready(self) -> bool:
@@ -554,7 +578,10 @@ class ModelMonitor:
                 "label_delay_s": self.totals_performance.label_delay.summary(),
             },
             "anomalies": {
-                "streams": self.anomalies.report(),
+                "streams": {
+                    **self.anomalies.report(),
+                    **(self.feature_anomalies.report() if self.feature_anomalies else {}),
+                },
                 "flagged_last_window": sorted(self.window_anomalies),
             },
             "health": health.to_dict(),
@@ -593,7 +620,7 @@ class ModelMonitor:
             else None,
             quality=quality["features"] or None,
             # Judged once the detectors are past their warm-up; before that, not evaluated.
-            anomalies={s: self.window_anomalies.get(s, 0) for s in ANOMALY_STREAMS}
+            anomalies={s: self.window_anomalies.get(s, 0) for s in self._anomaly_streams()}
             if self.anomalies_ready
             else None,
             unknown_features=sorted(quality.get("unknown_features", {})),
