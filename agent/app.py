@@ -16,7 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -25,20 +25,25 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.api.app import AdminApi, build_app
-from agent.config import Settings
+from agent.config import HealthLimit, HealthSettings, Settings, StoreSettings
 from agent.engine import Engine, ModelConfig, MonitorConfig, ReferenceProfile
+from agent.engine.health import HealthPolicy, Limit
 from agent.ingest.decode import Limits
 from agent.ingest.grpc_server import IngestServer
 from agent.ingest.join import OutcomeJoiner
 from agent.ingest.receiver import EventReceiver
-from agent.references import References
+from agent.references import References, ReferenceUploads
 from agent.store import (
     AsyncPendingPredictions,
     GroupCommitPendingPredictions,
     OrphanOutcomes,
     SqlitePendingPredictions,
 )
+from agent.telemetry.events import HealthEventLog, HealthEvents, poll_health_events
 from agent.telemetry.providers import Telemetry
+
+if TYPE_CHECKING:
+    from agent.store.redis import RedisPendingPredictions
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
     def config_for(model: str) -> ModelConfig:
         override = settings.for_model(model)
         window_s = override.window_s or engine.window_s
+        anomaly = settings.anomaly_for(model)
         return ModelConfig(
             window_ns=int(window_s * 1e9),
             min_window_rows=engine.min_window_rows,
@@ -73,10 +79,67 @@ def model_config_resolver(settings: Settings) -> Callable[[str], ModelConfig]:
                 drift_share=engine.drift_share,
                 positive_class=override.positive_class,
                 max_segments=engine.max_segments,
+                health=health_policy(settings.health_for(model)),
+                anomaly_half_life=anomaly.half_life,
+                anomaly_z=anomaly.z,
+                anomaly_warmup=anomaly.warmup,
             ),
         )
 
     return config_for
+
+
+def health_policy(health: HealthSettings) -> HealthPolicy:
+    """The engine's policy for validated ``engine.health`` settings (a model's, merged)."""
+
+    def limits(section: Iterable[tuple[str, HealthLimit | None]]) -> dict[str, Limit]:
+        # A metric set to null is not judged.
+        return {
+            name: Limit(limit.degraded, limit.critical, limit.higher_is_better)
+            for name, limit in section
+            if limit is not None
+        }
+
+    return HealthPolicy(
+        drift_weight=health.weights["drift"],
+        performance_weight=health.weights["performance"],
+        quality_weight=health.weights["quality"],
+        anomaly_weight=health.weights["anomalies"],
+        dataset_drift_share=health.drift.degraded_share,
+        critical_drift_share=health.drift.critical_share,
+        prediction_drift_degrades=health.drift.prediction_drift_degrades,
+        performance=limits(health.performance.items()),
+        quality=limits(health.quality.items()),
+        anomalies_degraded=health.anomalies.degraded,
+        anomalies_critical=health.anomalies.critical,
+        max_reasons_per_signal=health.max_reasons_per_signal,
+    )
+
+
+def pending_store(store: StoreSettings) -> SqlitePendingPredictions | RedisPendingPredictions:
+    """The pending-prediction store ``store.backend`` names, opened (Redis: reached and its
+    schema checked, so an unreachable server fails the start with its host:port)."""
+    if store.backend == "redis":
+        # Imported here: redis-py costs ~0.3 s of start-up to agents that do not use it.
+        from agent.store.redis import RedisPendingPredictions
+
+        if store.redis.url is None:  # refused by StoreSettings already
+            raise ValueError("store.redis.url is required when store.backend is redis")
+        return RedisPendingPredictions(
+            store.redis.url.get_secret_value(),
+            key_prefix=store.redis.key_prefix,
+            ttl_s=store.pending_ttl_s,
+            max_pending=store.max_pending,
+            timeout_s=store.redis.timeout_s,
+        )
+    store.data_dir.mkdir(parents=True, exist_ok=True)
+    return SqlitePendingPredictions(
+        store.data_dir / "pending.db",
+        ttl_s=store.pending_ttl_s,
+        max_pending=store.max_pending,
+        synchronous=store.synchronous,
+        max_db_bytes=store.max_db_bytes,
+    )
 
 
 class Agent:
@@ -122,6 +185,8 @@ class Agent:
             description="Model versions the agent tracks.",
         )
         ingest = settings.ingest
+        # Where pending predictions are kept (a file, or Redis without credentials).
+        self.pending_store_location = "off"
         self.joiner = self._outcome_joiner(settings)
         self.receiver = EventReceiver(
             self.engine,
@@ -133,7 +198,21 @@ class Agent:
             dedup_max_batches=ingest.dedup_max_batches,
             joiner=self.joiner,
         )
-        self.ingest = IngestServer(ingest, self.receiver, self.engine)
+        # One upload path for HTTP PUT and gRPC PutReference.
+        self.reference_uploads = ReferenceUploads(
+            self.references,
+            install=self.install_reference,
+            latest_version=self.latest_version,
+            max_bytes=ingest.max_message_bytes,
+            clock=clock,
+        )
+        self.ingest = IngestServer(
+            ingest,
+            self.receiver,
+            self.engine,
+            reference_uploads=self.reference_uploads,
+            admin_token=settings.api.admin_token,
+        )
         app = build_app(
             settings.api,
             self.engine,
@@ -141,9 +220,8 @@ class Agent:
             readiness=self.readiness,
             prometheus_registry=self.prometheus_registry,
             references=self.references,
-            install_reference=self.install_reference,
+            reference_uploads=self.reference_uploads,
             forget_pending=None if self.joiner is None else self.joiner.forget,
-            clock=clock,
         )
         self.api = AdminApi(
             settings.api,
@@ -154,19 +232,19 @@ class Agent:
         self._started = False
         self._expiry: asyncio.Task[None] | None = None
         self._store_closed = False
+        # Health events: one log record per change of a model's health, never per evaluation.
+        self.health_events = HealthEvents(
+            max_versions=ingest.max_models, max_features=ingest.max_features
+        )
+        self.health_event_log = HealthEventLog(self.telemetry.logger_provider, clock=clock)
+        self._events: asyncio.Task[None] | None = None
 
     def _outcome_joiner(self, settings: Settings) -> OutcomeJoiner | None:
         store = settings.store
         if not store.pending:
             return None
-        store.data_dir.mkdir(parents=True, exist_ok=True)
-        pending = SqlitePendingPredictions(
-            store.data_dir / "pending.db",
-            ttl_s=store.pending_ttl_s,
-            max_pending=store.max_pending,
-            synchronous=store.synchronous,
-            max_db_bytes=store.max_db_bytes,
-        )
+        pending = pending_store(store)
+        self.pending_store_location = str(pending.path)
         async_store = AsyncPendingPredictions(GroupCommitPendingPredictions(pending))
         self.engine.pending_for = async_store.pending_count
         return OutcomeJoiner(
@@ -184,10 +262,32 @@ class Agent:
             except Exception:
                 log.exception("expiring pending predictions failed")
 
+    async def _emit_health_events_periodically(self) -> None:
+        """Every ``telemetry.events_interval_s``, log what changed in the models' health.
+
+        Its own task, not a metric reader's callback, so each change is logged once
+        however many readers collect, and also with OTLP off.
+        """
+        while True:
+            await asyncio.sleep(self.settings.telemetry.events_interval_s)
+            try:
+                await asyncio.to_thread(
+                    poll_health_events, self.engine, self.health_events, self.health_event_log
+                )
+            except Exception:
+                log.exception("evaluating health events failed")
+
     def install_reference(self, profile: ReferenceProfile) -> None:
         """Store ``profile`` durably, then judge its model version against it."""
         self.references.save(profile)
         self.engine.set_reference(profile)
+
+    def latest_version(self, model: str) -> str | None:
+        """The version ``model`` sent last, or None if it has sent nothing."""
+        for tracked in self.engine.models():
+            if tracked["model"] == model and tracked["latest"]:
+                return str(tracked["version"])
+        return None
 
     def _persist_reference(self, profile: ReferenceProfile) -> None:
         """A warm-up reference is complete: write it off the event loop when one runs."""
@@ -224,6 +324,10 @@ class Agent:
             self._expiry = asyncio.create_task(self._expire_periodically(), name="expire-pending")
         if self.telemetry.log_handler is not None:
             logging.getLogger().addHandler(self.telemetry.log_handler)
+        if self.settings.telemetry.events_interval_s > 0:
+            self._events = asyncio.create_task(
+                self._emit_health_events_periodically(), name="health-events"
+            )
         self._started = True
         log.info(
             "mlsidecar started",
@@ -232,6 +336,7 @@ class Agent:
                 "ingest": f"{self.ingest.settings.host}:{self.ingest.port}",
                 "api": f"{self.api.settings.host}:{self.api.port}",
                 "exporting": ",".join(self.telemetry.exporting) or "nothing",
+                "pending_store": self.pending_store_location,
             },
         )
 
@@ -249,6 +354,9 @@ class Agent:
         await self.api.stop()
         # Every acknowledged batch is in the store already; closing checkpoints the WAL.
         await self._close_store()
+        if self._events is not None:
+            self._events.cancel()
+            self._events = None
         remaining = max(deadline - time.monotonic(), 0.1)
         try:
             await asyncio.wait_for(asyncio.to_thread(self.telemetry.shutdown), remaining)

@@ -15,12 +15,25 @@ import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -152,6 +165,264 @@ class TelemetrySettings(Section):
     resource_attributes: dict[str, str] = Field(default_factory=dict)
     traces: bool = True
     logs: bool = True
+    # How often health events (drift detected/resolved, ...) are evaluated; 0 turns them off.
+    events_interval_s: float = Field(10.0, ge=0)
+
+
+def key_error(loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
+    """An error at ``loc``, below the section raising it, so the message names the exact key
+    (``engine.health.performance.accuracy.critical_min: ...``)."""
+    error = InitErrorDetails(type="value_error", loc=loc, input=value, ctx={"error": message})
+    return ValidationError.from_exception_data("Settings", [error])
+
+
+def _strictly_beyond(section: BaseModel, degraded: str, critical: str, below: bool = False) -> None:
+    """A critical threshold lies strictly beyond its degraded one: above it, or ``below``."""
+    at, worst = getattr(section, degraded), getattr(section, critical)
+    if not (worst < at if below else worst > at):
+        side = "below" if below else "above"
+        raise key_error((critical,), f"{critical}={worst} must be {side} {degraded}={at}", worst)
+
+
+HealthSignal = Literal["drift", "performance", "quality", "anomalies"]
+QualityRatio = Literal[
+    "missing_ratio", "nonfinite_ratio", "out_of_range_ratio", "unseen_ratio", "type_mismatch_ratio"
+]
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class HealthLimit(Section):
+    """Where a metric or ratio stops being fine: ``min`` and ``critical_min`` (higher is
+    better) or ``max`` and ``critical_max`` (lower is better).
+
+        HealthLimit(min=0.60, critical_min=0.50)   # accuracy: degraded below 0.60, critical at 0.50
+        HealthLimit(max=0.05, critical_max=0.20)   # MAPE: degraded above 5 %, critical at 20 %
+    """
+
+    min: float | None = Field(None, allow_inf_nan=False)
+    critical_min: float | None = Field(None, allow_inf_nan=False)
+    max: float | None = Field(None, allow_inf_nan=False)
+    critical_max: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> HealthLimit:
+        given = [key for key, value in self if value is not None]
+        if given not in (["min", "critical_min"], ["max", "critical_max"]):
+            raise ValueError(
+                "give min and critical_min (higher is better) or max and critical_max "
+                f"(lower is better); got {', '.join(given) or 'neither'}"
+            )
+        if self.higher_is_better:
+            _strictly_beyond(self, "min", "critical_min", below=True)
+        else:
+            _strictly_beyond(self, "max", "critical_max")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _pair_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `config show` prints the pair in use: {min: 0.6, critical_min: 0.5}.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.min is not None
+
+    @property
+    def degraded(self) -> float:
+        value = self.min if self.higher_is_better else self.max
+        assert value is not None  # one pair is set (checked above)
+        return value
+
+    @property
+    def critical(self) -> float:
+        value = self.critical_min if self.higher_is_better else self.critical_max
+        assert value is not None
+        return value
+
+
+def _ratio_limits(
+    value: dict[QualityRatio, HealthLimit | None],
+) -> dict[QualityRatio, HealthLimit | None]:
+    """Quality limits are ratios: lower is better, 0 ≤ max < critical_max ≤ 1."""
+    for ratio, limit in value.items():
+        if limit is None:
+            continue
+        if limit.higher_is_better:
+            raise key_error((ratio, "min"), "a ratio takes max and critical_max", limit.min)
+        if limit.degraded < 0:
+            raise key_error((ratio, "max"), f"{limit.degraded} is not a ratio in [0, 1]", limit.max)
+        if limit.critical > 1:
+            raise key_error(
+                (ratio, "critical_max"),
+                f"{limit.critical} is not a ratio in [0, 1]",
+                limit.critical,
+            )
+    return value
+
+
+# The built-in health policy (agent.engine.health.HealthPolicy's defaults; a test checks they agree).
+def _default_weights() -> dict[HealthSignal, float]:
+    return {"drift": 30.0, "performance": 40.0, "quality": 20.0, "anomalies": 10.0}
+
+
+def _default_performance() -> dict[str, HealthLimit | None]:
+    return {
+        "accuracy": HealthLimit(min=0.60, critical_min=0.50),
+        "mape": HealthLimit(max=0.05, critical_max=0.20),
+    }
+
+
+def _default_quality() -> dict[QualityRatio, HealthLimit | None]:
+    return {
+        "missing_ratio": HealthLimit(max=0.10, critical_max=0.50),
+        "nonfinite_ratio": HealthLimit(max=0.10, critical_max=0.50),
+        "out_of_range_ratio": HealthLimit(max=0.10, critical_max=0.50),
+        "unseen_ratio": HealthLimit(max=0.10, critical_max=0.50),
+        "type_mismatch_ratio": HealthLimit(max=0.0, critical_max=0.50),
+    }
+
+
+class DriftHealth(Section):
+    """``engine.health.drift``: the share of drifted features that degrades the model, and
+    that makes it critical."""
+
+    degraded_share: float = Field(0.5, gt=0, le=1)
+    critical_share: float = Field(0.75, gt=0, le=1)
+    prediction_drift_degrades: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftHealth:
+        _strictly_beyond(self, "degraded_share", "critical_share")
+        return self
+
+
+class AnomalyHealth(Section):
+    """``engine.health.anomalies``: anomalies in a window that degrade the model, and that make
+    it critical."""
+
+    degraded: int = Field(3, ge=1)
+    critical: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AnomalyHealth:
+        _strictly_beyond(self, "degraded", "critical")
+        return self
+
+
+class HealthSettings(Section):
+    """``engine.health``: the health score's weights and limits for every model
+    (docs/health-score.md). The maps are laid over the built-in ones entry by entry; a
+    metric set to null is not judged.
+
+        Settings.load(None, engine={"health": {"performance": {"accuracy": {"min": 0.7, "critical_min": 0.6}}}})
+    """
+
+    # Points each signal can cost.
+    weights: dict[HealthSignal, Weight] = Field(default_factory=_default_weights)
+    drift: DriftHealth = Field(default_factory=DriftHealth)
+    # Metric (as the performance report names it) → limit; metrics not listed are not judged.
+    performance: dict[str, HealthLimit | None] = Field(default_factory=_default_performance)
+    # Quality ratio → limit, applied to every feature.
+    quality: dict[QualityRatio, HealthLimit | None] = Field(default_factory=_default_quality)
+    anomalies: AnomalyHealth = Field(default_factory=AnomalyHealth)
+    # Findings listed per signal before "N more not listed".
+    max_reasons_per_signal: int = Field(3, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _every_weight(cls, value: dict[HealthSignal, float]) -> dict[HealthSignal, float]:
+        return {**_default_weights(), **value}
+
+    @field_validator("performance")
+    @classmethod
+    def _every_metric(cls, value: dict[str, HealthLimit | None]) -> dict[str, HealthLimit | None]:
+        return {**_default_performance(), **value}
+
+    @field_validator("quality")
+    @classmethod
+    def _every_ratio(
+        cls, value: dict[QualityRatio, HealthLimit | None]
+    ) -> dict[QualityRatio, HealthLimit | None]:
+        return {**_default_quality(), **_ratio_limits(value)}
+
+
+class DriftHealthOverride(Section):
+    """``models.<name>.health.drift``: the keys set replace those of ``engine.health.drift``."""
+
+    degraded_share: float | None = Field(None, gt=0, le=1)
+    critical_share: float | None = Field(None, gt=0, le=1)
+    prediction_drift_degrades: bool | None = None
+
+
+class AnomalyHealthOverride(Section):
+    """``models.<name>.health.anomalies``: the keys set replace those of ``engine.health.anomalies``."""
+
+    degraded: int | None = Field(None, ge=1)
+    critical: int | None = Field(None, ge=1)
+
+
+class ModelHealthSettings(Section):
+    """``models.<name>.health``: overrides of ``engine.health`` for one model. Only the keys
+    set apply; the maps are merged entry by entry, and a metric set to null is not judged.
+
+        models: {fraud: {health: {performance: {roc_auc: {min: 0.75, critical_min: 0.65}, accuracy: null}}}}
+    """
+
+    weights: dict[HealthSignal, Weight] = Field(default_factory=dict)
+    drift: DriftHealthOverride | None = None
+    performance: dict[str, HealthLimit | None] = Field(default_factory=dict)
+    quality: dict[QualityRatio, HealthLimit | None] = Field(default_factory=dict)
+    anomalies: AnomalyHealthOverride | None = None
+    max_reasons_per_signal: int | None = Field(None, ge=1)
+
+    @field_validator("quality")
+    @classmethod
+    def _ratios(
+        cls, value: dict[QualityRatio, HealthLimit | None]
+    ) -> dict[QualityRatio, HealthLimit | None]:
+        return _ratio_limits(value)
+
+
+class AnomalySettings(Section):
+    """``engine.anomaly``: the rolling z-score detectors of each model's window aggregates
+    (mean score, mean latency, rows), one observation per closed window."""
+
+    # Windows after which an old window keeps half its weight in the rolling mean.
+    half_life: float = Field(12.0, gt=0, allow_inf_nan=False)
+    # A window is flagged when |z| is above this.
+    z: float = Field(3.0, gt=0, allow_inf_nan=False)
+    # Windows only learnt, not scored, at the start of each model version.
+    warmup: int = Field(6, ge=2)
+
+
+class AnomalyOverride(Section):
+    """``models.<name>.anomaly``: the keys set replace those of ``engine.anomaly``."""
+
+    half_life: float | None = Field(None, gt=0, allow_inf_nan=False)
+    z: float | None = Field(None, gt=0, allow_inf_nan=False)
+    warmup: int | None = Field(None, ge=2)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def overlay(base: SectionT, override: Section | None) -> SectionT:
+    """``base`` with the keys ``override`` sets laid over it, validated again: maps entry by
+    entry, sub-sections key by key, other keys when not None.
+
+        overlay(settings.engine.anomaly, AnomalyOverride(z=4.0)).z   # 4.0
+    """
+    if override is None:
+        return base
+    data = base.model_dump()
+    for key, value in override:
+        if isinstance(value, dict):
+            data[key].update(value)
+        elif isinstance(value, BaseModel):
+            data[key].update(value.model_dump(exclude_none=True))
+        elif value is not None:
+            data[key] = value
+    return type(base).model_validate(data)
 
 
 class EngineSettings(Section):
@@ -185,6 +456,10 @@ class EngineSettings(Section):
     drift_thresholds: dict[DriftMethodName, float] = Field(default_factory=dict)
     # References kept per model version, the current one included.
     reference_history: int = Field(5, ge=1)
+    # The health score's weights and limits (docs/health-score.md).
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    # Rolling z-score detectors of the window aggregates.
+    anomaly: AnomalySettings = Field(default_factory=AnomalySettings)
 
     @field_validator("drift_thresholds")
     @classmethod
@@ -217,6 +492,9 @@ class ModelSettings(Section):
     positive_class: str | None = None
     # Drift method per feature, overriding the default choice.
     drift_methods: dict[str, DriftMethodName] = Field(default_factory=dict)
+    # Overrides of engine.health and engine.anomaly: only the keys set apply.
+    health: ModelHealthSettings | None = None
+    anomaly: AnomalyOverride | None = None
 
     @field_validator("reference")
     @classmethod
@@ -231,12 +509,69 @@ class ModelSettings(Section):
         return None if value is None else EngineSettings._sorted(value)
 
 
+SECRET_MASK = "**********"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password masked: 'redis://app:**********@redis:6379/0' (also a
+    ``password=`` query parameter, as in 'unix:///run/redis.sock?password=...')."""
+    parts = urllib.parse.urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:{SECRET_MASK}@{netloc.rpartition('@')[2]}"
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(key == "password" for key, _ in pairs):
+        masked = [(key, SECRET_MASK if key == "password" else value) for key, value in pairs]
+        query = urllib.parse.urlencode(masked, safe="*")
+    # Built by hand: urlunsplit would drop the "//" of 'unix:///path' (no host).
+    shown = f"{parts.scheme}://{netloc}{parts.path}"
+    return shown + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+class RedisStoreSettings(Section):
+    """The shared Redis pending store, used when ``store.backend`` is ``redis``."""
+
+    # redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path?db=0. A
+    # secret: `config show` and logs show it with the password masked.
+    url: SecretStr | None = None
+    # Every key starts with "<key_prefix>:": one prefix per deployment sharing a Redis.
+    key_prefix: str = Field("mlsidecar", min_length=1, max_length=100)
+    # Connect and command timeout; a store call past it fails (ingest answers UNAVAILABLE).
+    timeout_s: float = Field(2.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urllib.parse.urlsplit(value.get_secret_value())
+        shown = redact_url(value.get_secret_value())
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{shown!r} is not a Redis URL (redis://, rediss:// or unix://)")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError(f"{shown!r} has an invalid port") from None
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError(f"{shown!r} names no host")
+        return value
+
+    @field_serializer("url", when_used="json")
+    def _shown_url(self, value: SecretStr | None) -> str | None:
+        # Host, port and db help whoever reads `config show`; the password never shows.
+        return None if value is None else redact_url(value.get_secret_value())
+
+
 class StoreSettings(Section):
     """Durable state: references (and pending predictions) under ``data_dir``."""
 
     data_dir: Path = Path("data")
     # Keep predictions pending (data_dir/pending.db) so outcomes can join them by id.
     pending: bool = True
+    # Where pending predictions live: sqlite (data_dir/pending.db, this replica only) or
+    # redis (shared by replicas: an outcome joins whichever replica got its prediction).
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    redis: RedisStoreSettings = Field(default_factory=RedisStoreSettings)
     # A prediction with no outcome after this long is dropped and counted as unmatched.
     pending_ttl_s: float = Field(7 * 86400.0, gt=0)
     # At most this many pending predictions; the oldest are evicted (unmatched) beyond it.
@@ -250,6 +585,15 @@ class StoreSettings(Section):
     # An outcome whose prediction is not pending is held this long in case it is in flight.
     orphan_grace_s: float = Field(60.0, ge=0)
     max_orphans: int = Field(50_000, ge=0)
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> StoreSettings:
+        if self.backend == "redis" and self.redis.url is None:
+            raise ValueError(
+                "store.redis.url is required when store.backend is redis "
+                "(e.g. redis://127.0.0.1:6379/0)"
+            )
+        return self
 
 
 class LoggingSettings(Section):
@@ -329,6 +673,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"model name {name!r} does not match [A-Za-z0-9._-]{{1,128}}")
         return value
 
+    @model_validator(mode="after")
+    def _model_health_fits_engine_health(self) -> Settings:
+        # A model's override can clash with the engine's keys it leaves alone (a critical_share
+        # below engine.health.drift.degraded_share): refused now, naming the model's key.
+        errors: list[InitErrorDetails] = []
+        for name in self.models:
+            try:
+                self.health_for(name)
+            except ValidationError as error:
+                errors.extend(
+                    InitErrorDetails(
+                        type=e["type"],
+                        loc=("models", name, "health", *e["loc"]),
+                        input=e["input"],
+                        ctx=e.get("ctx", {}),
+                    )
+                    for e in error.errors()
+                )
+        if errors:
+            raise ValidationError.from_exception_data("Settings", errors)
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -358,6 +724,14 @@ class Settings(BaseSettings):
 
     def for_model(self, name: str) -> ModelSettings:
         return self.models.get(name) or ModelSettings()
+
+    def health_for(self, name: str) -> HealthSettings:
+        """``engine.health`` with ``models.<name>.health`` laid over it."""
+        return overlay(self.engine.health, self.for_model(name).health)
+
+    def anomaly_for(self, name: str) -> AnomalySettings:
+        """``engine.anomaly`` with ``models.<name>.anomaly`` laid over it."""
+        return overlay(self.engine.anomaly, self.for_model(name).anomaly)
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets shown as '**********'."""
