@@ -252,10 +252,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .csv (header line) or .jsonl (one object per line) training-data file."""
+    """Rows of a .csv (header line), .jsonl (one object per line) or .parquet
+    (with pyarrow: ``pip install 'mlsidecar[parquet]'``) training-data file."""
     import csv
 
     suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path)
     try:
         if suffix == ".csv":
             with path.open(newline="") as handle:
@@ -275,7 +278,21 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
             return rows
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read {str(path)!r}: {error}") from None
-    raise ConfigError(f"{str(path)!r}: expected a .csv or .jsonl file (parquet: convert first)")
+    raise ConfigError(f"{str(path)!r}: expected a .csv, .jsonl or .parquet file")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise ConfigError(
+            f"{str(path)!r}: reading Parquet needs pyarrow: pip install 'mlsidecar[parquet]'"
+        ) from None
+    try:
+        rows: list[dict[str, Any]] = parquet.read_table(path).to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"cannot read {str(path)!r}: {error}") from None
+    return rows
 
 
 def _column(values: list[Any]) -> list[Any]:
@@ -380,10 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reference_command", required=True, metavar="ACTION"
     )
     build = reference_commands.add_parser(
-        "build", help="profile a training-data file (.csv, .jsonl) into a reference file"
+        "build", help="profile a training-data file (.csv, .jsonl, .parquet) into a reference file"
     )
     with_config(build)
-    build.add_argument("data", type=Path, help="training data: .csv with a header, or .jsonl")
+    build.add_argument(
+        "data", type=Path, help="training data: .csv with a header, .jsonl, or .parquet"
+    )
     build.add_argument("-o", "--output", type=Path, required=True, help="reference file to write")
     build.add_argument("--model", required=True, help="the model the reference is for")
     build.add_argument("--version", default="", help="model version (default: any)")

@@ -18,6 +18,7 @@ from conftest import free_port, mlsidecar_command, subprocess_env
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
+from agent.cli import read_samples
 
 SECRETS = ("ingest-token-c0ffee", "admin-token-baddad", "otlp-header-f00d")
 
@@ -322,11 +323,47 @@ def test_reference_build_names_a_missing_column_and_an_unknown_format(tmp_path):
     )  # fmt: skip
     assert missing.returncode == 2
     assert "'predicted'" in missing.stderr
-    other = tmp_path / "train.parquet"
-    other.write_bytes(b"PAR1")
+    other = tmp_path / "train.xlsx"
+    other.write_bytes(b"PK")
     unknown = mlsidecar(
         "reference", "build", str(other), "-o", str(tmp_path / "r.json"), "--model", "m"
     )
     assert unknown.returncode == 2
-    assert ".csv or .jsonl" in unknown.stderr
+    assert "expected a .csv, .jsonl or .parquet file" in unknown.stderr
+    broken = tmp_path / "train.parquet"
+    broken.write_bytes(b"PAR1")  # a truncated Parquet file
+    refused = mlsidecar(
+        "reference", "build", str(broken), "-o", str(tmp_path / "r.json"), "--model", "m"
+    )
+    assert refused.returncode == 2
+    assert "cannot read" in refused.stderr and "train.parquet" in refused.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_reference_build_reads_parquet_to_the_same_reference_as_csv(tmp_path):
+    """The same training data as CSV and as Parquet (typed columns, nulls) gives one id."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    csv_path = write_training_csv(tmp_path / "train.csv")
+    rows = read_samples(csv_path)
+    table = pa.table(
+        {
+            "income": [float(r["income"]) for r in rows],
+            "age": [None if r["age"] is None else int(r["age"]) for r in rows],
+            "region": [r["region"] for r in rows],
+            "score": [float(r["score"]) for r in rows],
+            "row_id": [int(r["row_id"]) for r in rows],
+        }
+    )
+    parquet.write_table(table, tmp_path / "train.parquet")
+    ids = []
+    for name in ("train.csv", "train.parquet"):
+        out = tmp_path / f"{name}.json"
+        result = mlsidecar(
+            "reference", "build", str(tmp_path / name), "-o", str(out), "--model", "credit",
+            "--score-column", "score", "--exclude", "row_id",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        ids.append(json.loads(out.read_text())["id"])
+    assert ids[0] == ids[1]
