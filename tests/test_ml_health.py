@@ -341,3 +341,41 @@ def test_an_overflowing_segment_set_is_a_gauge_and_one_warning(start_agent, capl
         "are counted as 'other' (limits: docs/metrics.md#cardinality)"
     ]
     assert gauge_points(harness, "ml.predictions")  # the counts are still there
+
+
+def test_joins_quality_and_anomalies_are_exported_as_the_report_counts_them(start_agent):
+    harness = start_agent(engine=ENGINE)
+    stub = harness.stub()
+    traffic = Traffic()
+    stub.SubmitPredictions(traffic.batch(1000))  # the warm-up: becomes the reference
+    batch = traffic.batch(400)
+    batch.features[1].numbers.values[:20] = [float("inf")] * 20  # age: 5 % non-finite
+    batch.features[1].numbers.values[20:30] = [500.0] * 10  # and 10 out of range
+    stub.SubmitPredictions(batch)
+    ids = list(batch.ids)
+    stub.SubmitOutcomes(
+        pb.OutcomeBatch(model=MODEL, ids=[*ids[:150], "nobody"], actual_values=[0.5] * 151)
+    )
+    rep = report(harness)
+    base = (("ml.model.name", MODEL), ("ml.model.version", "v1"))
+
+    assert rep["outcomes"]["joined"] == 150
+    assert gauge_points(harness, "ml.outcomes.joined") == {base: 150}
+    assert gauge_points(harness, "ml.predictions.pending") == {base: rep["outcomes"]["pending"]}
+    assert rep["outcomes"]["pending"] == 1400 - 150
+    assert gauge_points(harness, "ml.outcomes.orphaned") == {base: rep["outcomes"]["orphaned"]}
+    assert gauge_points(harness, "ml.predictions.unmatched") == {base: 0}
+    age = tuple(sorted((*base, ("ml.feature.name", "age"))))
+    quality = rep["features"]["age"]["quality"]
+    # The window holds the warm-up's 1000 rows and this batch's 400.
+    assert quality["nonfinite_ratio"] == pytest.approx(20 / 1400)
+    assert quality["out_of_range_ratio"] > 0
+    assert gauge_points(harness, "ml.feature.nonfinite.ratio")[age] == quality["nonfinite_ratio"]
+    assert (
+        gauge_points(harness, "ml.feature.out_of_range.ratio")[age]
+        == quality["out_of_range_ratio"]
+    )
+    streams = rep["anomalies"]["streams"]
+    anomalies = gauge_points(harness, "ml.anomalies")
+    assert {dict(k)["ml.anomaly.stream"] for k in anomalies} == set(streams)
+    assert "feature.age.mean" in streams

@@ -75,6 +75,16 @@ FEATURE_MISSING = (
     "1",
     "Share of a feature's values missing in the evaluated window.",
 )
+# The other quality ratios of the evaluated window, as ``ml.feature.missing.ratio``.
+QUALITY_RATIOS = {
+    check: (f"ml.feature.{check}.ratio", "1", f"Share of a feature's values {meaning}.")
+    for check, meaning in (
+        ("nonfinite", "that are ±inf in the evaluated window"),
+        ("out_of_range", "outside the reference's [min, max] in the evaluated window"),
+        ("unseen", "that are categories the reference never saw, in the evaluated window"),
+        ("type_mismatch", "sent as the other type than the reference's, in the evaluated window"),
+    )
+}
 DATASET_DRIFT = (
     "ml.dataset.drift.share",
     "1",
@@ -93,6 +103,27 @@ PERFORMANCE = (
 HEALTH = ("ml.model.health.score", "1", "Model health score, 0-100.")
 # Counters of live values per psi bin since the reference was set, and the reference's own
 # proportions per bin: fleet-wide PSI in PromQL across replicas sharing a reference id.
+JOINED = ("ml.outcomes.joined", "{outcome}", "Outcomes joined to their predictions.")
+ORPHANED = (
+    "ml.outcomes.orphaned",
+    "{outcome}",
+    "Outcomes whose prediction was never found (after the grace period).",
+)
+UNMATCHED = (
+    "ml.predictions.unmatched",
+    "{prediction}",
+    "Predictions dropped from the pending store without an outcome (expired or evicted).",
+)
+PENDING = (
+    "ml.predictions.pending",
+    "{prediction}",
+    "Predictions kept pending for an outcome now.",
+)
+ANOMALIES = (
+    "ml.anomalies",
+    "{window}",
+    "Closed windows whose aggregate (ml.anomaly.stream) was flagged as an anomaly.",
+)
 OVERFLOW = (
     "mlsidecar.engine.overflow",
     "1",
@@ -145,9 +176,25 @@ class EngineMetricsProducer:
         bin_values: list[NumberDataPoint] = []
         bin_reference: list[NumberDataPoint] = []
         overflow: list[NumberDataPoint] = []
+        joins: dict[tuple[str, str, str], list[NumberDataPoint]] = {}
+        pending: list[NumberDataPoint] = []
+        pending_for = self._engine.pending_for
         for snap in snapshots:
             base = _model_attributes(snap)
             start = snap.start_unix_nano
+            health = snap.health or {}
+            join = health.get("outcomes") or {}
+            for spec, key in ((JOINED, "joined"), (ORPHANED, "orphaned"), (UNMATCHED, "unmatched")):
+                if key in join:
+                    joins.setdefault(spec, []).append(NumberDataPoint(base, start, now, join[key]))
+            if pending_for is not None:
+                pending.append(NumberDataPoint(base, 0, now, pending_for(snap.model, snap.version)))
+            streams = (health.get("anomalies") or {}).get("streams") or {}
+            for stream, state in streams.items():
+                attributes = {**base, "ml.anomaly.stream": stream}
+                joins.setdefault(ANOMALIES, []).append(
+                    NumberDataPoint(attributes, start, now, state["anomalies"])
+                )
             for kind in snap.overflowed:
                 overflow.append(NumberDataPoint({**base, "mlsidecar.overflow": kind}, 0, now, 1))
                 self._log_overflow(snap, kind)
@@ -190,6 +237,8 @@ class EngineMetricsProducer:
             _sum(PSI_BIN_VALUES, bin_values),
             _gauge(PSI_BIN_REFERENCE, bin_reference),
             _gauge(OVERFLOW, overflow),
+            _gauge(PENDING, pending),
+            *(_sum(spec, points) for spec, points in joins.items()),
         ]
         return [m for m in metrics if _has_points(m)]
 
@@ -240,6 +289,8 @@ class EngineMetricsProducer:
                 quality = feature.get("quality")
                 if quality:
                     add(FEATURE_MISSING, attributes, quality["missing_ratio"])
+                    for check, spec in QUALITY_RATIOS.items():
+                        add(spec, attributes, quality.get(f"{check}_ratio"))
             performance = health["performance"]
             for metric in PERFORMANCE_METRICS:
                 add(PERFORMANCE, {**base, "ml.metric": metric}, performance.get(metric))
