@@ -24,6 +24,9 @@ from opentelemetry.sdk.trace import SpanProcessor
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
+from agent.alerts import Alerts
+from agent.alerts.channels import Channel, LogChannel
+from agent.alerts.rules import configured_rules
 from agent.api.app import AdminApi, build_app
 from agent.config import HealthLimit, HealthSettings, Settings, StoreSettings
 from agent.engine import Engine, ModelConfig, MonitorConfig, ReferenceProfile
@@ -213,6 +216,18 @@ class Agent:
             reference_uploads=self.reference_uploads,
             admin_token=settings.api.admin_token,
         )
+        # Alerts on the health reports' signals; state under the data dir survives restarts.
+        self.alerts = (
+            Alerts(
+                configured_rules(settings.alerts),
+                clock=clock,
+                state_path=settings.store.data_dir / "alerts.json",
+                history=settings.alerts.history,
+            )
+            if settings.alerts.enabled
+            else None
+        )
+        self._alerting: asyncio.Task[None] | None = None
         app = build_app(
             settings.api,
             self.engine,
@@ -222,6 +237,7 @@ class Agent:
             references=self.references,
             reference_uploads=self.reference_uploads,
             forget_pending=None if self.joiner is None else self.joiner.forget,
+            alerts=self.alerts,
         )
         self.api = AdminApi(
             settings.api,
@@ -238,6 +254,7 @@ class Agent:
         )
         self.health_event_log = HealthEventLog(self.telemetry.logger_provider, clock=clock)
         self._events: asyncio.Task[None] | None = None
+        self.alert_channels: dict[str, Channel] = {"log": LogChannel(self.health_event_log)}
 
     def _outcome_joiner(self, settings: Settings) -> OutcomeJoiner | None:
         store = settings.store
@@ -276,6 +293,39 @@ class Agent:
                 )
             except Exception:
                 log.exception("evaluating health events failed")
+
+    async def _evaluate_alerts_periodically(self) -> None:
+        """Every ``alerts.interval_s``: judge the rules on every model version's report and
+        send what fired or resolved. Reports are built off the event loop."""
+        assert self.alerts is not None
+        while True:
+            await asyncio.sleep(self.settings.alerts.interval_s)
+            try:
+                await self.evaluate_alerts()
+            except Exception:
+                log.exception("evaluating alerts failed")
+
+    async def evaluate_alerts(self) -> int:
+        """One evaluation of the alert rules; returns the notifications sent."""
+        if self.alerts is None:
+            return 0
+        reports = await asyncio.to_thread(self._latest_reports)
+        notifications = self.alerts.evaluate(reports)
+        for notification in notifications:
+            for name in notification.channels:
+                try:
+                    self.alert_channels[name].send(notification)
+                except Exception:
+                    log.exception("alert channel %s failed", name)
+        return len(notifications)
+
+    def _latest_reports(self) -> list[dict[str, Any]]:
+        reports = []
+        for tracked in self.engine.models():
+            report = self.engine.report(str(tracked["model"]), str(tracked["version"]))
+            if report is not None:
+                reports.append(report)
+        return reports
 
     def install_reference(self, profile: ReferenceProfile) -> None:
         """Store ``profile`` durably, then judge its model version against it."""
@@ -328,6 +378,10 @@ class Agent:
             self._events = asyncio.create_task(
                 self._emit_health_events_periodically(), name="health-events"
             )
+        if self.alerts is not None:
+            self._alerting = asyncio.create_task(
+                self._evaluate_alerts_periodically(), name="alerts"
+            )
         self._started = True
         log.info(
             "mlsidecar started",
@@ -354,9 +408,10 @@ class Agent:
         await self.api.stop()
         # Every acknowledged batch is in the store already; closing checkpoints the WAL.
         await self._close_store()
-        if self._events is not None:
-            self._events.cancel()
-            self._events = None
+        for task in (self._events, self._alerting):
+            if task is not None:
+                task.cancel()
+        self._events = self._alerting = None
         remaining = max(deadline - time.monotonic(), 0.1)
         try:
             await asyncio.wait_for(asyncio.to_thread(self.telemetry.shutdown), remaining)

@@ -596,6 +596,53 @@ class StoreSettings(Section):
         return self
 
 
+class AlertRuleSettings(Section):
+    """One alert rule (docs/alerts.md): a health-report signal path, a comparison, a threshold."""
+
+    # Path in the health report, '*' matching every key: "features.*.drift.psi".
+    signal: str
+    op: Literal[">", ">=", "<", "<=", "==", "!="]
+    threshold: float
+    # The condition must hold this long before the alert fires.
+    for_s: float = Field(0.0, ge=0)
+    severity: Literal["info", "warning", "critical"] = "warning"
+    # A firing alert notifies again after this long (unless acknowledged).
+    cooldown_s: float = Field(300.0, ge=0)
+    # Models the rule watches; null: all.
+    models: list[str] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    # Built in: "log" (the agent's log and an OTel log record). Webhook and Alertmanager
+    # channels come with the upstream layer.
+    channels: list[Literal["log"]] = Field(
+        default_factory=lambda: ["log"],  # type: ignore[arg-type]
+        min_length=1,
+    )
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, value: str) -> str:
+        if not re.fullmatch(r"(?:[A-Za-z0-9_-]+|\*)(?:\.(?:[A-Za-z0-9_-]+|\*))*", value):
+            raise ValueError(
+                f"{value!r} is not a dotted path of report keys and '*' (e.g. features.*.drift.psi)"
+            )
+        return value
+
+
+class AlertSettings(Section):
+    """Alerts on health-report signals: built-in rules, your rules, evaluation interval."""
+
+    enabled: bool = True
+    # How often every model version's report is judged.
+    interval_s: float = Field(15.0, gt=0)
+    # Ship the default rules (dataset drift, feature PSI, accuracy, MAPE, health score).
+    default_rules: bool = True
+    # Your rules by name; a default rule's name replaces it, and null turns it off.
+    rules: dict[str, AlertRuleSettings | None] = Field(default_factory=dict)
+    # Resolved alerts kept for GET /v1/alerts (and across restarts).
+    history: int = Field(200, ge=0, le=10_000)
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # auto: JSON when stderr is not a terminal, text otherwise.
@@ -645,6 +692,7 @@ class Settings(BaseSettings):
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     # Deadline for a graceful stop: in-flight batches finish, exporters flush.
     shutdown_timeout_s: float = Field(10.0, gt=0)
 

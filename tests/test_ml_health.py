@@ -372,8 +372,7 @@ def test_joins_quality_and_anomalies_are_exported_as_the_report_counts_them(star
     assert quality["out_of_range_ratio"] > 0
     assert gauge_points(harness, "ml.feature.nonfinite.ratio")[age] == quality["nonfinite_ratio"]
     assert (
-        gauge_points(harness, "ml.feature.out_of_range.ratio")[age]
-        == quality["out_of_range_ratio"]
+        gauge_points(harness, "ml.feature.out_of_range.ratio")[age] == quality["out_of_range_ratio"]
     )
     streams = rep["anomalies"]["streams"]
     anomalies = gauge_points(harness, "ml.anomalies")

@@ -28,6 +28,8 @@ from prometheus_client.exposition import choose_encoder
 
 from agent import __version__
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
+from agent.alerts.api import add_alert_routes
+from agent.alerts.manager import Alerts
 from agent.config import MODEL_NAME_PATTERN, ApiSettings
 from agent.engine import Engine
 from agent.ingest.decode import RejectCode, Rejected
@@ -71,6 +73,7 @@ def build_app(
     references: References | None = None,
     reference_uploads: ReferenceUploads | None = None,
     forget_pending: Callable[[str], Awaitable[int]] | None = None,
+    alerts: Alerts | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="mlsidecar admin API",
@@ -247,6 +250,9 @@ def build_app(
         def metrics(request: Request) -> Response:
             encoder, content_type = choose_encoder(request.headers.get("accept", ""))
             return Response(encoder(registry), media_type=content_type)
+
+    if alerts is not None:
+        add_alert_routes(app, alerts, admin_refusal)
 
     return app
 

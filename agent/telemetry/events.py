@@ -37,11 +37,15 @@ from agent.engine import Engine
 # The OTel logger's instrumentation scope, and the Python logger of the JSON log line.
 EVENTS_LOGGER = "mlsidecar.events"
 
-Severity = Literal["WARN", "INFO"]
+Severity = Literal["ERROR", "WARN", "INFO"]
 AttributeValue = str | int | float | bool | list[str]
 
-_SEVERITY_NUMBERS = {"WARN": SeverityNumber.WARN, "INFO": SeverityNumber.INFO}
-_LOGGING_LEVELS = {"WARN": logging.WARNING, "INFO": logging.INFO}
+_SEVERITY_NUMBERS = {
+    "ERROR": SeverityNumber.ERROR,
+    "WARN": SeverityNumber.WARN,
+    "INFO": SeverityNumber.INFO,
+}
+_LOGGING_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO}
 # Methods whose decision is ``p_value < threshold``; the others decide on ``score >= threshold``.
 _P_VALUE_METHODS = frozenset({"ks", "chisquare"})
 _STATUS_RANK = {"healthy": 0, "degraded": 1, "critical": 2}
