@@ -520,3 +520,24 @@ def test_overflowed_names_the_bounded_sets_that_folded_keys_into_other():
     (snap,) = engine.snapshots()
     assert snap.overflowed == ("segments", "classes")
     assert snap.segments == {"r=eu": 3.0, "other": 2.0}
+
+
+def test_exemplars_are_refreshed_from_at_most_one_traced_batch_per_second():
+    clock = Clock(T0)
+    engine = make_engine(clock)
+
+    def traced(at: int, tag: int) -> PredictionColumns:
+        return preds(3, at, trace_ids=[bytes([tag]) * 16] * 3, span_ids=[bytes([tag]) * 8] * 3)
+
+    def exemplar_traces() -> set[bytes]:
+        (snap,) = engine.snapshots()
+        return {e.trace_id for e in snap.totals.latency.exemplars if e is not None}
+
+    engine.observe_predictions(preds(3, T0))  # untraced: does not use up the second
+    engine.observe_predictions(traced(T0 + 1, 1))
+    engine.observe_predictions(traced(T0 + S // 2, 2))  # within the second: counted only
+    assert exemplar_traces() == {bytes([1]) * 16}
+    engine.observe_predictions(traced(T0 + S + 1, 3))
+    assert exemplar_traces() == {bytes([3]) * 16}
+    (snap,) = engine.snapshots()
+    assert snap.totals.latency.count == 12

@@ -138,20 +138,28 @@ class Tally:
         }
 
 
+# Histogram exemplars come from at most one batch per second per model version.
+EXEMPLAR_INTERVAL_NS = 10**9
+
+
 def batch_histograms(
-    cols: PredictionColumns, latency_like: FixedHistogram, scores_like: FixedHistogram
+    cols: PredictionColumns,
+    latency_like: FixedHistogram,
+    scores_like: FixedHistogram,
+    *,
+    exemplars: bool = True,
 ) -> tuple[FixedHistogram | None, FixedHistogram | None]:
-    """One batch's latency and score histograms, to merge into every tally that counts it."""
+    """One batch's latency and score histograms, to merge into every tally that counts it;
+    with ``exemplars``, rows carrying trace ids become bucket exemplars."""
     t = cols.received_unix_nano
+    trace_ids, span_ids = (cols.trace_ids, cols.span_ids) if exemplars else (None, None)
     latency = scores = None
     if cols.latencies_ms is not None:
         latency = FixedHistogram.empty_like(latency_like)
-        latency.add(
-            cols.latencies_ms, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids
-        )
+        latency.add(cols.latencies_ms, time_unix_nano=t, trace_ids=trace_ids, span_ids=span_ids)
     if cols.scores is not None:
         scores = FixedHistogram.empty_like(scores_like)
-        scores.add(cols.scores, time_unix_nano=t, trace_ids=cols.trace_ids, span_ids=cols.span_ids)
+        scores.add(cols.scores, time_unix_nano=t, trace_ids=trace_ids, span_ids=span_ids)
     return latency, scores
 
 
@@ -202,6 +210,7 @@ class ModelState:
         self.outcome_labels = BoundedCounter(config.max_classes)
         self.features: dict[str, str] = {}
         self.monitor = ModelMonitor(model, version, config.monitor, reference)
+        self._exemplars_due = 0  # receipt time from which a batch's trace ids give exemplars
 
     def _roll(self, now: int) -> None:
         if now < self.current.end_unix_nano:
@@ -233,7 +242,12 @@ class ModelState:
         self._roll(now)
         self.last_seen_unix_nano = now
         totals = self.totals
-        latency, scores = batch_histograms(cols, totals.latency, totals.scores)
+        # Exemplars are samples: refreshed from at most one batch per EXEMPLAR_INTERVAL_NS,
+        # which spares their per-bucket bookkeeping on every other batch.
+        fresh = now >= self._exemplars_due
+        if fresh and cols.trace_ids:
+            self._exemplars_due = now + EXEMPLAR_INTERVAL_NS
+        latency, scores = batch_histograms(cols, totals.latency, totals.scores, exemplars=fresh)
         totals.observe_batch(cols, latency, scores)
         self.current.observe_batch(cols, latency, scores)
         self.segments.add(_segment_key(cols.attributes), cols.rows * cols.weight)
