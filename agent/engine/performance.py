@@ -27,6 +27,19 @@ from agent.engine.columns import FloatArray
 from agent.engine.histogram import FixedHistogram
 
 OTHER = "other"  # the overflow bucket of classes and segments (as model.OTHER)
+# The headline metrics of the report's ``performance`` section (exported as gauges and
+# named in health events); the section has more (per class, calibration, delay).
+HEADLINE_METRICS = (
+    "accuracy",
+    "f1_macro",
+    "roc_auc",
+    "log_loss",
+    "brier",
+    "mae",
+    "rmse",
+    "mape",
+    "r2",
+)
 Metrics = dict[str, float | None]
 IndexArray = npt.NDArray[np.intp]
 BoolArray = npt.NDArray[np.bool_]

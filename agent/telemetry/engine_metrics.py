@@ -39,6 +39,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from agent import __version__
 from agent.engine import Engine, FixedHistogram, ModelSnapshot
+from agent.engine.performance import HEADLINE_METRICS
 
 log = logging.getLogger(__name__)
 SCOPE = InstrumentationScope("mlsidecar.engine", __version__)
@@ -140,17 +141,7 @@ PSI_BIN_REFERENCE = (
     "1",
     "Proportion of the reference's values in each psi bin (ml.bin) of a feature.",
 )
-PERFORMANCE_METRICS = (
-    "accuracy",
-    "f1_macro",
-    "roc_auc",
-    "log_loss",
-    "brier",
-    "mae",
-    "rmse",
-    "mape",
-    "r2",
-)
+PERFORMANCE_METRICS = HEADLINE_METRICS
 
 
 class EngineMetricsProducer:

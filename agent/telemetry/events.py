@@ -33,6 +33,8 @@ from opentelemetry._logs import LoggerProvider, SeverityNumber
 
 from agent import __version__
 from agent.engine import Engine
+from agent.engine.drift import TEST_METHODS
+from agent.engine.performance import HEADLINE_METRICS
 
 # The OTel logger's instrumentation scope, and the Python logger of the JSON log line.
 EVENTS_LOGGER = "mlsidecar.events"
@@ -47,20 +49,10 @@ _SEVERITY_NUMBERS = {
 }
 _LOGGING_LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO}
 # Methods whose decision is ``p_value < threshold``; the others decide on ``score >= threshold``.
-_P_VALUE_METHODS = frozenset({"ks", "chisquare"})
+_P_VALUE_METHODS = TEST_METHODS
 _STATUS_RANK = {"healthy": 0, "degraded": 1, "critical": 2}
 # Performance metrics named in events, as the report's ``performance`` section has them.
-_PERFORMANCE_METRICS = (
-    "accuracy",
-    "f1_macro",
-    "roc_auc",
-    "log_loss",
-    "brier",
-    "mae",
-    "rmse",
-    "mape",
-    "r2",
-)
+_PERFORMANCE_METRICS = HEADLINE_METRICS
 # How health reasons begin when they name one of those metrics: "accuracy 0.55 < 0.60",
 # "ROC AUC 0.70 < 0.75", "MAPE 7.2% > 5%", "R² 0.41 < 0.50", "f1_macro 0.4 < 0.5".
 _PERFORMANCE_REASON_PREFIXES = tuple(
