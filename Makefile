@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/mlsidecar demo $(DEMO_ARGS)
 
 # Debian packages the tests start for real (Prometheus scrapes a running agent; the Redis
-# pending store is tested against a real redis-server).
+# pending store is tested against a real redis-server; alerts reach a real Alertmanager).
 system-deps:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  echo "installing Debian package: prometheus"; \
@@ -30,6 +30,10 @@ system-deps:
 	  echo "installing Debian package: redis-server"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@command -v prometheus-alertmanager >/dev/null 2>&1 || { \
+	  echo "installing Debian package: prometheus-alertmanager"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus-alertmanager >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check agent tests bench scripts

@@ -25,7 +25,13 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.alerts import Alerts
-from agent.alerts.channels import Channel, LogChannel
+from agent.alerts.channels import (
+    AlertmanagerChannel,
+    Channel,
+    HttpChannel,
+    LogChannel,
+    WebhookChannel,
+)
 from agent.alerts.rules import configured_rules
 from agent.api.app import AdminApi, build_app
 from agent.config import HealthLimit, HealthSettings, Settings, StoreSettings
@@ -36,6 +42,7 @@ from agent.ingest.grpc_server import IngestServer
 from agent.ingest.join import OutcomeJoiner
 from agent.ingest.receiver import EventReceiver
 from agent.references import References, ReferenceUploads
+from agent.resources import ResourceMonitor
 from agent.store import (
     AsyncPendingPredictions,
     GroupCommitPendingPredictions,
@@ -44,6 +51,7 @@ from agent.store import (
 )
 from agent.telemetry.events import HealthEventLog, HealthEvents, poll_health_events
 from agent.telemetry.providers import Telemetry
+from agent.upstream import EgressProxy, Upstreams, UpstreamTelemetry
 
 if TYPE_CHECKING:
     from agent.store.redis import RedisPendingPredictions
@@ -187,6 +195,12 @@ class Agent:
             unit="{model}",
             description="Model versions the agent tracks.",
         )
+        # The pod's resources and the model process, read when a reader collects.
+        self.resources = (
+            ResourceMonitor(settings.resources, self.telemetry.meter_provider)
+            if settings.resources.enabled
+            else None
+        )
         ingest = settings.ingest
         # Where pending predictions are kept (a file, or Redis without credentials).
         self.pending_store_location = "off"
@@ -228,6 +242,15 @@ class Agent:
             else None
         )
         self._alerting: asyncio.Task[None] | None = None
+        # Breaker-guarded upstream targets; the egress proxy listens only when some exist.
+        self.upstreams = Upstreams.from_settings(
+            settings.upstream,
+            redis_url=settings.upstream_redis_url(),
+            telemetry=UpstreamTelemetry(meter, tracer),
+        )
+        self.proxy = (
+            EgressProxy(settings.upstream, self.upstreams) if settings.upstream.targets else None
+        )
         app = build_app(
             settings.api,
             self.engine,
@@ -236,8 +259,10 @@ class Agent:
             prometheus_registry=self.prometheus_registry,
             references=self.references,
             reference_uploads=self.reference_uploads,
+            resources=None if self.resources is None else self.resources.report,
             forget_pending=None if self.joiner is None else self.joiner.forget,
             alerts=self.alerts,
+            upstreams=self.upstreams,
         )
         self.api = AdminApi(
             settings.api,
@@ -255,6 +280,19 @@ class Agent:
         self.health_event_log = HealthEventLog(self.telemetry.logger_provider, clock=clock)
         self._events: asyncio.Task[None] | None = None
         self.alert_channels: dict[str, Channel] = {"log": LogChannel(self.health_event_log)}
+        for name, channel in settings.alerts.channels.items():
+            self.alert_channels[name] = (
+                AlertmanagerChannel(
+                    name,
+                    self.post_upstream,
+                    channel.upstream,
+                    interval_s=settings.alerts.interval_s,
+                )
+                if channel.type == "alertmanager"
+                else WebhookChannel(
+                    name, self.post_upstream, channel.upstream, channel.path, channel.format
+                )
+            )
 
     def _outcome_joiner(self, settings: Settings) -> OutcomeJoiner | None:
         store = settings.store
@@ -311,13 +349,23 @@ class Agent:
             return 0
         reports = await asyncio.to_thread(self._latest_reports)
         notifications = self.alerts.evaluate(reports)
+        for channel in self.alert_channels.values():
+            if isinstance(channel, HttpChannel):
+                await channel.flush()  # what failed last time goes first
         for notification in notifications:
             for name in notification.channels:
                 try:
-                    self.alert_channels[name].send(notification)
+                    await self.alert_channels[name].send(notification)
                 except Exception:
                     log.exception("alert channel %s failed", name)
         return len(notifications)
+
+    async def post_upstream(self, upstream: str, path: str, payload: Any) -> int:
+        """POST ``payload`` as JSON to ``path`` below an upstream target, under its policy
+        (timeout, retries, breaker) and with its metrics and span: the agent's own egress."""
+        if self.proxy is None:
+            raise LookupError(f"upstream {upstream!r}: no upstream.targets are configured")
+        return await self.proxy.post_json(upstream, path, payload)
 
     def _latest_reports(self) -> list[dict[str, Any]]:
         reports = []
@@ -363,7 +411,10 @@ class Agent:
         try:
             await self.ingest.start()
             await self.api.start()
+            if self.proxy is not None:
+                await self.proxy.start()
         except BaseException:
+            await self.api.stop()
             await self.ingest.stop(0)
             await self._close_store()
             # Nothing was accepted, so nothing needs flushing: do not wait on a Collector.
@@ -372,6 +423,8 @@ class Agent:
             raise
         if self.joiner is not None:
             self._expiry = asyncio.create_task(self._expire_periodically(), name="expire-pending")
+        if self.resources is not None:
+            await self.resources.start()
         if self.telemetry.log_handler is not None:
             logging.getLogger().addHandler(self.telemetry.log_handler)
         if self.settings.telemetry.events_interval_s > 0:
@@ -405,7 +458,11 @@ class Agent:
         # Leave at least a third of the deadline to flush telemetry.
         grace = max(self.settings.shutdown_timeout_s * 2 / 3, 0.1)
         await self.ingest.stop(grace)
+        if self.proxy is not None:
+            await self.proxy.stop()
         await self.api.stop()
+        if self.resources is not None:
+            await self.resources.stop()
         # Every acknowledged batch is in the store already; closing checkpoints the WAL.
         await self._close_store()
         for task in (self._events, self._alerting):

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -43,14 +44,22 @@ class ConfigError(Exception):
     """Invalid configuration; the message names every offending key."""
 
 
+_KEY_PREFIX = re.compile(r"([A-Za-z_][\w-]*(?:\[\d+\])?(?:\.[\w-]+(?:\[\d+\])?)*): (.+)", re.S)
+
+
 def describe_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"  {key}: {message}")
+        # A section's own check names the key below the section: "rules.x.channels: ...".
+        below = _KEY_PREFIX.match(message.removeprefix("Value error, "))
+        if item["type"] == "value_error" and below:
+            key = f"{key}.{below[1]}" if key else below[1]
+            message = below[2]
+        lines.append(f"  {key or '(top level)'}: {message}")
     return f"invalid configuration ({error.error_count()} error(s)):\n" + "\n".join(lines)
 
 

@@ -596,6 +596,203 @@ class StoreSettings(Section):
         return self
 
 
+class RetryPolicy(Section):
+    """``upstream.policies.<name>.retries``: attempts after the first, and when to make them."""
+
+    max: int = Field(2, ge=0, le=10)
+    backoff: Literal["constant", "exponential"] = "exponential"
+    base_s: float = Field(0.05, ge=0)
+    max_s: float = Field(2.0, ge=0)
+    # Share of each delay drawn at random (0: none, 1: full jitter).
+    jitter: float = Field(0.2, ge=0, le=1)
+    # Response statuses worth another attempt.
+    on_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=lambda: [502, 503, 504]
+    )
+    # Retry connection errors and timeouts too.
+    on_error: bool = True
+
+
+class BreakerPolicy(Section):
+    """``upstream.policies.<name>.breaker``: when to trip, how long to stay open, how to close."""
+
+    consecutive_failures: int = Field(5, ge=1)
+    # Also trip at this failure share over window_s once min_requests calls ended; null: off.
+    failure_rate: float | None = Field(None, gt=0, le=1)
+    min_requests: int = Field(20, ge=1)
+    window_s: float = Field(30.0, gt=0)
+    open_s: float = Field(30.0, gt=0)
+    # Probe calls in flight at once while half-open.
+    half_open_requests: int = Field(1, ge=1)
+    # Successful probes that close the breaker.
+    close_after_successes: int = Field(1, ge=1)
+    # memory: this replica only; redis: shared by replicas (upstream.redis_url).
+    storage: Literal["memory", "redis"] = "memory"
+
+
+class BulkheadPolicy(Section):
+    """``upstream.policies.<name>.bulkhead``: calls in flight, and calls waiting, per target."""
+
+    max_in_flight: int = Field(64, ge=1)
+    max_pending: int = Field(64, ge=0)
+
+
+class UpstreamPolicy(Section):
+    """One named policy under ``upstream.policies``; a section left out is off."""
+
+    # Per attempt, connect to last byte of the response headers.
+    timeout_s: float = Field(5.0, gt=0)
+    retries: RetryPolicy | None = Field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy | None = Field(default_factory=BreakerPolicy)
+    bulkhead: BulkheadPolicy | None = None
+
+
+UPSTREAM_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class UpstreamTarget(Section):
+    """``upstream.targets.<name>``: the base URL the proxy forwards ``/upstream/<name>/`` to.
+    A secret, as a webhook URL may carry a token: `config show` masks its password."""
+
+    url: SecretStr
+    policy: str = "default"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        parts = urllib.parse.urlsplit(value.get_secret_value())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = redact_url(value.get_secret_value())
+            raise ValueError(f"{shown!r} is not an http:// or https:// URL with a host")
+        return value
+
+    @field_serializer("url", when_used="json")
+    def _shown_url(self, value: SecretStr) -> str:
+        return redact_url(value.get_secret_value())
+
+
+class UpstreamSettings(Listener):
+    """The egress proxy: ``http://<listen>/upstream/<target>/<path>`` guarded by its policy."""
+
+    # Served only when targets are configured.
+    listen: str = "127.0.0.1:8321"
+    policies: dict[str, UpstreamPolicy] = Field(
+        default_factory=lambda: {"default": UpstreamPolicy()}
+    )
+    targets: dict[str, UpstreamTarget] = Field(default_factory=dict)
+    # Where breakers with storage: redis keep their state (default: store.redis.url).
+    redis_url: SecretStr | None = None
+    key_prefix: str = Field("mlsidecar", min_length=1, max_length=100)
+    # Request bodies are read whole (to be re-sent on a retry); larger ones get 413.
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @field_validator("policies")
+    @classmethod
+    def _default_policy(cls, value: dict[str, UpstreamPolicy]) -> dict[str, UpstreamPolicy]:
+        return {"default": UpstreamPolicy(), **value}
+
+    @field_validator("targets")
+    @classmethod
+    def _target_names(cls, value: dict[str, UpstreamTarget]) -> dict[str, UpstreamTarget]:
+        for name in value:
+            if not UPSTREAM_NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"target name {name!r} does not match [A-Za-z0-9_-]{{1,64}}")
+        return value
+
+    @model_validator(mode="after")
+    def _policies_exist(self) -> UpstreamSettings:
+        for name, target in self.targets.items():
+            if target.policy not in self.policies:
+                raise key_error(
+                    ("targets", name, "policy"),
+                    f"no policy {target.policy!r} in upstream.policies "
+                    f"(have: {', '.join(sorted(self.policies))})",
+                    target.policy,
+                )
+        return self
+
+    @field_serializer("redis_url", when_used="json")
+    def _shown_redis_url(self, value: SecretStr | None) -> str | None:
+        return None if value is None else redact_url(value.get_secret_value())
+
+
+class ModelProcessSettings(Section):
+    """How to find the model service's process, and its container's limits (docs/resources.md).
+
+    Set one of ``pid`` / ``pid_file`` / ``process_name`` / ``cmdline`` (the two patterns
+    may be combined: both must match). The limits usually come from the chart, through
+    the Downward API, as ``MLSIDECAR_RESOURCES__MODEL__MEMORY_LIMIT_BYTES`` and
+    ``MLSIDECAR_RESOURCES__MODEL__CPU_LIMIT_MILLICORES``.
+    """
+
+    pid: int | None = Field(None, ge=1)
+    pid_file: Path | None = None
+    # Regular expressions searched in the process name / the space-joined command line.
+    process_name: str | None = None
+    cmdline: str | None = None
+    cpu_limit_cores: float | None = Field(None, gt=0)
+    # The Downward API's `limits.cpu` with `divisor: 1m` (whole cores would round 500m up to 1).
+    cpu_limit_millicores: int | None = Field(None, gt=0)
+    memory_limit_bytes: int | None = Field(None, gt=0)
+    # How often a missing or exited model process is looked for again.
+    discovery_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("process_name", "cmdline")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"{value!r} is not a regular expression: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> ModelProcessSettings:
+        chosen = [
+            key
+            for key, value in (
+                ("pid", self.pid),
+                ("pid_file", self.pid_file),
+                ("process_name/cmdline", self.process_name or self.cmdline),
+            )
+            if value
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"set only one of {', '.join(chosen)} to find the model process")
+        if self.cpu_limit_cores is not None and self.cpu_limit_millicores is not None:
+            raise ValueError("set cpu_limit_cores or cpu_limit_millicores, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pid or self.pid_file or self.process_name or self.cmdline)
+
+    @property
+    def cpu_limit(self) -> float | None:
+        """The model container's CPU limit in cores, whichever key set it."""
+        if self.cpu_limit_millicores is not None:
+            return self.cpu_limit_millicores / 1000
+        return self.cpu_limit_cores
+
+
+class ResourcesSettings(Section):
+    """The pod's resources: the sidecar's process and host, its cgroup, the model process, GPUs."""
+
+    enabled: bool = True
+    # system.* metrics of the host (or node) through opentelemetry-instrumentation-system-metrics.
+    host: bool = True
+    # system.network.connections walks every socket (psutil.net_connections): off unless asked.
+    network_connections: bool = False
+    # Paths whose filesystems are reported (system.filesystem.*).
+    filesystems: list[str] = Field(default_factory=lambda: ["/"])
+    # Where cgroup v2 is mounted; only the sidecar's own container's cgroup is readable.
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    # NVML GPU metrics when nvidia-ml-py is installed and a driver answers.
+    gpu: bool = True
+    model: ModelProcessSettings = Field(default_factory=ModelProcessSettings)
+
+
 class AlertRuleSettings(Section):
     """One alert rule (docs/alerts.md): a health-report signal path, a comparison, a threshold."""
 
@@ -612,12 +809,8 @@ class AlertRuleSettings(Section):
     models: list[str] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
-    # Built in: "log" (the agent's log and an OTel log record). Webhook and Alertmanager
-    # channels come with the upstream layer.
-    channels: list[Literal["log"]] = Field(
-        default_factory=lambda: ["log"],  # type: ignore[arg-type]
-        min_length=1,
-    )
+    # "log" (built in: the agent's log and an OTel log record) or names of alerts.channels.
+    channels: list[str] = Field(default_factory=lambda: ["log"], min_length=1)
 
     @field_validator("signal")
     @classmethod
@@ -627,6 +820,19 @@ class AlertRuleSettings(Section):
                 f"{value!r} is not a dotted path of report keys and '*' (e.g. features.*.drift.psi)"
             )
         return value
+
+
+class AlertChannelSettings(Section):
+    """An HTTP alert channel, sending through an ``upstream.targets`` entry (its timeout,
+    retries and breaker): Alertmanager's v2 API, or a JSON webhook."""
+
+    type: Literal["alertmanager", "webhook"]
+    # The upstream target to send through; its URL is a secret (it may hold a token).
+    upstream: str = Field(min_length=1)
+    # Webhooks: a path below the target's URL ("" posts to the URL itself).
+    path: str = ""
+    # Webhooks: the notification as JSON, or {"text": ...} for Slack-style hooks.
+    format: Literal["json", "slack"] = "json"
 
 
 class AlertSettings(Section):
@@ -641,6 +847,21 @@ class AlertSettings(Section):
     rules: dict[str, AlertRuleSettings | None] = Field(default_factory=dict)
     # Resolved alerts kept for GET /v1/alerts (and across restarts).
     history: int = Field(200, ge=0, le=10_000)
+    # HTTP channels by name, for rules' ``channels``.
+    channels: dict[str, AlertChannelSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_channels(self) -> AlertSettings:
+        if "log" in self.channels:
+            raise ValueError("channels.log: 'log' is the built-in channel; pick another name")
+        for name, rule in self.rules.items():
+            for channel in rule.channels if rule else ():
+                if channel != "log" and channel not in self.channels:
+                    raise ValueError(
+                        f"rules.{name}.channels: {channel!r} is neither 'log' nor a channel "
+                        "of alerts.channels"
+                    )
+        return self
 
 
 class LoggingSettings(Section):
@@ -693,8 +914,42 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    # The pod's resources and the model process (docs/resources.md).
+    resources: ResourcesSettings = Field(default_factory=ResourcesSettings)
+    # The egress proxy and its breaker-guarded upstream targets (docs/upstream.md).
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     # Deadline for a graceful stop: in-flight batches finish, exporters flush.
     shutdown_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _upstream_redis(self) -> Settings:
+        shared = [
+            name
+            for name, policy in self.upstream.policies.items()
+            if policy.breaker is not None and policy.breaker.storage == "redis"
+        ]
+        if shared and self.upstream_redis_url() is None:
+            raise ValueError(
+                f"upstream.policies.{shared[0]}.breaker.storage: redis needs upstream.redis_url "
+                "(or store.redis.url)"
+            )
+        return self
+
+    def upstream_redis_url(self) -> str | None:
+        """Where shared breaker state lives: ``upstream.redis_url``, else ``store.redis.url``."""
+        url = self.upstream.redis_url or self.store.redis.url
+        return None if url is None else url.get_secret_value()
+
+    @model_validator(mode="after")
+    def _alert_channel_upstreams(self) -> Settings:
+        """Alert channels send through the upstream layer: their target must exist."""
+        for name, channel in self.alerts.channels.items():
+            if channel.upstream not in self.upstream.targets:
+                raise ValueError(
+                    f"alerts.channels.{name}.upstream: {channel.upstream!r} is not a target "
+                    "of upstream.targets"
+                )
+        return self
 
     @model_validator(mode="after")
     def _long_windows(self) -> Settings:

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import AgentHarness, agent_settings
+from conftest import AgentHarness, agent_settings, free_port
 from test_ml_health import ENGINE, MODEL, Traffic
+from upstream_server import FlakyUpstream
 
 from agent.alerts import DEFAULT_RULES, AlertRule, Alerts
 from agent.alerts.rules import configured_rules
@@ -274,3 +279,165 @@ def test_the_agent_fires_an_alert_on_drift_lists_acks_and_keeps_it_across_a_rest
         assert alert_id in {a["id"] for a in listing["active"]}
     finally:
         restarted.stop()
+
+
+# --- HTTP channels, through the upstream layer ----------------------------------------------
+
+
+class Alertmanager:
+    """A real Alertmanager (Debian's prometheus-alertmanager) on a free loopback port."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+        if binary is None:
+            pytest.fail(
+                "Alertmanager is not installed: run `make system-deps` "
+                "(apt-get install prometheus-alertmanager), which `make test` does"
+            )
+        config = tmp_path / "alertmanager.yml"
+        config.write_text("route: {receiver: 'null'}\nreceivers: [{name: 'null'}]\n")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = (tmp_path / "alertmanager.log").open("w")
+        self.args = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.path={tmp_path / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",  # no HA gossip
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Alertmanager:
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail("Alertmanager did not become ready within 30 s")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.url}/api/v2/alerts", timeout=5).json())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def test_alerts_reach_a_real_alertmanager_through_the_upstream_layer_and_resolve(
+    tmp_path: Path,
+):
+    manager = Alertmanager(tmp_path)  # not started yet: the first send fails and waits
+    harness = AgentHarness(
+        agent_settings(
+            engine=ENGINE,
+            upstream={"listen": "127.0.0.1:0", "targets": {"am": {"url": manager.url}}},
+            alerts={
+                "interval_s": 3600,
+                "default_rules": False,
+                "channels": {"pager": {"type": "alertmanager", "upstream": "am"}},
+                "rules": {
+                    "psi": {
+                        "signal": "features.*.drift.psi",
+                        "op": ">=",
+                        "threshold": 0.25,
+                        "channels": ["log", "pager"],
+                        "annotations": {"summary": "feature drifted"},
+                    }
+                },
+            },
+        )
+    ).start()
+    try:
+        traffic = Traffic()
+        stub = harness.stub()
+        stub.SubmitPredictions(traffic.batch(1000))
+        stub.SubmitPredictions(traffic.batch(1000, shift=1.5))
+        assert harness.run(harness.agent.evaluate_alerts()) >= 1
+        pager = harness.agent.alert_channels["pager"]
+        assert len(pager.outbox) >= 1  # Alertmanager down: kept, not lost
+
+        manager.start()
+        harness.run(harness.agent.evaluate_alerts())  # nothing new; the outbox goes first
+        assert len(pager.outbox) == 0
+        received = [a for a in manager.alerts() if a["labels"]["alertname"] == "psi"]
+        income = [a for a in received if a["labels"].get("feature") == "income"]
+        assert income, received
+        assert income[0]["labels"]["model"] == MODEL
+        assert income[0]["annotations"]["summary"] == "feature drifted"
+        assert income[0]["status"]["state"] == "active"
+
+        # Forgetting the model resolves its alerts: Alertmanager hears endsAt = now.
+        httpx.delete(f"{harness.api_url}/v1/models/{MODEL}")
+        harness.run(harness.agent.evaluate_alerts())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and [
+            a for a in manager.alerts() if a["labels"]["alertname"] == "psi"
+        ]:
+            time.sleep(0.2)
+        assert [a for a in manager.alerts() if a["labels"]["alertname"] == "psi"] == []
+    finally:
+        harness.stop()
+        manager.stop()
+
+
+def test_a_slack_style_webhook_gets_the_text_and_a_refusal_is_not_retried_forever():
+    with FlakyUpstream() as hook:
+        harness = AgentHarness(
+            agent_settings(
+                upstream={
+                    "listen": "127.0.0.1:0",
+                    "policies": {"once": {"retries": None}},
+                    "targets": {"chat": {"url": f"{hook.url}/hooks/T1/B2", "policy": "once"}},
+                },
+                alerts={
+                    "interval_s": 3600,
+                    "default_rules": False,
+                    "channels": {
+                        "chat": {"type": "webhook", "upstream": "chat", "format": "slack"}
+                    },
+                    "rules": {
+                        "many": {
+                            "signal": "totals.rows",
+                            "op": ">",
+                            "threshold": 10,
+                            "channels": ["chat"],
+                        }
+                    },
+                },
+            )
+        ).start()
+        try:
+            harness.stub().SubmitPredictions(Traffic().batch(50))
+            assert harness.run(harness.agent.evaluate_alerts()) == 1
+            (seen,) = hook.requests
+            assert (seen.method, seen.path) == ("POST", "/hooks/T1/B2")
+            text = json.loads(seen.body)["text"]
+            assert text.startswith(":red_circle: alert many firing: value 50")
+
+            hook.fail_next(1, status=500)  # a server error: kept for the next evaluation
+            httpx.delete(f"{harness.api_url}/v1/models/{MODEL}")
+            harness.run(harness.agent.evaluate_alerts())
+            assert len(harness.agent.alert_channels["chat"].outbox) == 1
+            harness.run(harness.agent.evaluate_alerts())
+            assert harness.agent.alert_channels["chat"].outbox == deque()
+            assert json.loads(hook.requests[-1].body)["text"].startswith(":large_green_circle:")
+        finally:
+            harness.stop()
+
+
+def test_an_alert_channel_must_name_an_upstream_target():
+    from agent.cli import ConfigError, load_settings
+
+    with pytest.raises(
+        ConfigError, match=r"alerts\.channels\.pager\.upstream: 'am' is not a target"
+    ):
+        load_settings(
+            None, alerts={"channels": {"pager": {"type": "alertmanager", "upstream": "am"}}}
+        )

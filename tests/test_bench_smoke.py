@@ -63,3 +63,29 @@ def test_peers_bench_runs_our_side_alone_and_agrees_with_the_exact_drift_decisio
     (drift,) = summary["drift"]
     assert drift["rows"] == 10_000 and drift["ours_s"] > 0
     assert drift["agree_exact"] == drift["agree_injected"] == 20
+
+
+def test_resources_bench_prints_ms_per_collection_for_every_case():
+    lines = run_bench("bench/resources.py", "--n", "5")
+    header = next(line for line in lines if line.startswith("case"))
+    assert header.split() == ["case", "points", "median", "ms", "p90", "ms", "min", "ms"]
+    summary = json.loads(lines[-1])
+    assert summary["bench"] == "resources"
+    assert set(summary["results"]) == {
+        "sample only",
+        "full, no host",
+        "full",
+        "full + sockets",
+        "discovery",
+    }
+    assert all(r["median_ms"] > 0 for r in summary["results"].values())
+
+
+def test_upstream_bench_prints_proxy_overhead_throughput_and_the_breaker_case():
+    lines = run_bench("bench/upstream.py", "--quick")
+    assert any(line.strip().startswith("added") for line in lines)
+    summary = json.loads(lines[-1])
+    assert summary["bench"] == "upstream"
+    assert summary["throughput_rps"]["proxy"] > 0
+    # 64 x 100 ms through one closed breaker overlap: far from pybreaker's 6.4 s.
+    assert summary["breaker_64x100ms"]["adapter_alone_ms"] < 1000

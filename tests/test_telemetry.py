@@ -409,6 +409,12 @@ def test_http_ingest_span_is_internal_under_the_http_server_span(agent):
     body = {"model": MODEL, "ids": ["h1"], "scores": [0.4]}
     assert httpx.post(agent.api_url + "/v1/predictions", json=body).status_code == 200
 
+    # The HTTP server span ends after the response has gone out: wait for it.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(
+        s.kind == SpanKind.SERVER for s in agent.spans.get_finished_spans()
+    ):
+        time.sleep(0.01)
     spans = agent.spans.get_finished_spans()
     (ingest,) = [s for s in spans if s.name == "mlsidecar.ingest predictions"]
     assert ingest.kind == SpanKind.INTERNAL

@@ -20,12 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from agent.alerts.manager import Alerts
-
-
-def _error(status: int, code: str, reason: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "reason": reason, "message": message}}, status_code=status
-    )
+from agent.api.errors import error_response as _error
 
 
 def add_alert_routes(

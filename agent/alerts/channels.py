@@ -1,46 +1,69 @@
-"""Where alert notifications go. Built in: ``log`` — a line in the agent's log and an
-OpenTelemetry log record (``alert.firing`` / ``alert.resolved``), through the same path as
-health events, so each reaches OTLP exactly once.
+"""Where alert notifications go (docs/alerts.md#channels).
 
-Webhook and Alertmanager channels send through the upstream layer (breaker-guarded
-egress) and are not built yet: a rule naming another channel is refused at start.
+- ``log`` (built in): a line in the agent's log and an OpenTelemetry log record
+  (``alert.firing`` / ``alert.resolved``), through the same path as health events.
+- ``alertmanager``: ``POST /api/v2/alerts`` of a Prometheus Alertmanager, which routes to
+  email, Slack, PagerDuty or Telegram.
+- ``webhook``: a JSON POST, the notification itself or a Slack-compatible ``{"text"}``.
+
+The HTTP channels send through the upstream layer (an ``upstream.targets`` entry, with its
+timeout, retries and circuit breaker), never straight out. A send that fails stays in
+the channel's outbox and is retried at the next evaluation; the outbox is bounded, and
+what falls out of it is logged.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from agent.alerts.manager import Notification
 from agent.telemetry.events import HealthEvent, HealthEventLog
 
-BUILT_IN_CHANNELS = frozenset({"log"})
+log = logging.getLogger(__name__)
+# (upstream target, path below its URL, JSON payload) -> HTTP status; raises if unreachable.
+Post = Callable[[str, str, Any], Awaitable[int]]
+OUTBOX = 1000
 
 
 class Channel(Protocol):
-    def send(self, notification: Notification) -> None: ...
+    name: str
+
+    async def send(self, notification: Notification) -> None: ...
+
+
+def describe(notification: Notification) -> str:
+    """'alert feature-psi firing: value 0.31 breaches threshold 0.25 (feature=age, ...)'."""
+    alert = notification.alert
+    firing = notification.status == "firing"
+    where = ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items()) if k != "alertname")
+    summary = alert.annotations.get("summary", "")
+    return (
+        f"alert {alert.rule} {notification.status}: value {alert.value:.4g} "
+        f"{'breaches' if firing else 'back within'} threshold {alert.threshold:g} ({where})"
+        + (f": {summary}" if summary and firing else "")
+    )
 
 
 class LogChannel:
     """Alert notifications as log records (JSON line + OTel log record)."""
 
+    name = "log"
+
     def __init__(self, log: HealthEventLog) -> None:
         self._log = log
 
-    def send(self, notification: Notification) -> None:
+    async def send(self, notification: Notification) -> None:
         alert = notification.alert
         firing = notification.status == "firing"
-        where = ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items()) if k != "alertname")
-        summary = alert.annotations.get("summary", "")
-        body = (
-            f"alert {alert.rule} {notification.status}: value {alert.value:.4g} "
-            f"{'breaches' if firing else 'back within'} threshold {alert.threshold:g} ({where})"
-            + (f": {summary}" if summary and firing else "")
-        )
         self._log.emit(
             HealthEvent(
                 f"alert.{notification.status}",
                 ("ERROR" if alert.severity == "critical" else "WARN") if firing else "INFO",
-                body,
+                describe(notification),
                 {
                     "alert.id": alert.id,
                     "alert.rule": alert.rule,
@@ -51,3 +74,119 @@ class LogChannel:
                 },
             )
         )
+
+
+def _iso(unix_nano: int) -> str:
+    return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+class HttpChannel:
+    """A channel that POSTs JSON through an upstream target; failed sends are retried."""
+
+    def __init__(self, name: str, post: Post, upstream: str, path: str) -> None:
+        self.name = name
+        self._post = post
+        self._upstream = upstream
+        self._path = path
+        self.outbox: deque[Notification] = deque()
+        self.dropped = 0
+
+    def payload(self, notification: Notification) -> Any:
+        raise NotImplementedError
+
+    async def send(self, notification: Notification) -> None:
+        if len(self.outbox) >= OUTBOX:
+            self.outbox.popleft()
+            self.dropped += 1
+            log.error("alert channel %s: outbox full, the oldest notification dropped", self.name)
+        self.outbox.append(notification)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send what waits, oldest first; stop at the first failure (retried next time)."""
+        while self.outbox:
+            notification = self.outbox[0]
+            try:
+                status = await self._post(self._upstream, self._path, self.payload(notification))
+            except Exception as error:  # unreachable, breaker open, timeout: retried later
+                log.warning(
+                    "alert channel %s: sending failed, %d waiting: %s",
+                    self.name,
+                    len(self.outbox),
+                    error,
+                )
+                return
+            if status >= 400:
+                log.warning(
+                    "alert channel %s: upstream %s answered %d, %d waiting",
+                    self.name,
+                    self._upstream,
+                    status,
+                    len(self.outbox),
+                )
+                if status < 500 and status != 429:
+                    self.outbox.popleft()  # refused for good: retrying would not help
+                    self.dropped += 1
+                    continue
+                return
+            self.outbox.popleft()
+
+
+class AlertmanagerChannel(HttpChannel):
+    """Prometheus Alertmanager's v2 API: a firing alert carries an ``endsAt`` a few
+    evaluation intervals ahead, so it resolves by itself if the agent stops sending."""
+
+    def __init__(
+        self, name: str, post: Post, upstream: str, *, interval_s: float, generator_url: str = ""
+    ) -> None:
+        super().__init__(name, post, upstream, "api/v2/alerts")
+        self._hold_ns = int(max(interval_s * 4, 60) * 1e9)
+        self._generator_url = generator_url
+
+    def payload(self, notification: Notification) -> Any:
+        alert = notification.alert
+        ends = notification.at_unix_nano + (self._hold_ns if notification.status == "firing" else 0)
+        return [
+            {
+                "labels": dict(alert.labels),
+                "annotations": {
+                    **alert.annotations,
+                    "description": describe(notification),
+                    "value": f"{alert.value:g}",
+                    "threshold": f"{alert.threshold:g}",
+                },
+                "startsAt": _iso(alert.fired_unix_nano or alert.since_unix_nano),
+                "endsAt": _iso(ends),
+                **({"generatorURL": self._generator_url} if self._generator_url else {}),
+            }
+        ]
+
+
+class WebhookChannel(HttpChannel):
+    """A generic JSON webhook: the notification (``format: json``) or ``{"text": ...}``
+    (``format: slack``, which Slack's incoming webhooks and many chat tools accept)."""
+
+    def __init__(self, name: str, post: Post, upstream: str, path: str, fmt: str) -> None:
+        super().__init__(name, post, upstream, path)
+        self._format = fmt
+
+    def payload(self, notification: Notification) -> Any:
+        alert = notification.alert
+        if self._format == "slack":
+            icon = ":red_circle:" if notification.status == "firing" else ":large_green_circle:"
+            return {"text": f"{icon} {describe(notification)}"}
+        return {
+            "status": notification.status,
+            "at": _iso(notification.at_unix_nano),
+            "alert": {
+                "id": alert.id,
+                "rule": alert.rule,
+                "severity": alert.severity,
+                "labels": alert.labels,
+                "annotations": alert.annotations,
+                "value": alert.value,
+                "threshold": alert.threshold,
+                "since": _iso(alert.since_unix_nano),
+            },
+            "text": describe(notification),
+        }

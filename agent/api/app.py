@@ -30,22 +30,19 @@ from agent import __version__
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent.alerts.api import add_alert_routes
 from agent.alerts.manager import Alerts
+from agent.api.errors import error_response as _error
 from agent.config import MODEL_NAME_PATTERN, ApiSettings
 from agent.engine import Engine
 from agent.ingest.decode import RejectCode, Rejected
 from agent.ingest.receiver import EventReceiver
 from agent.references import ReferenceRejected, References, ReferenceUploads
+from agent.upstream.api import add_breaker_routes
+from agent.upstream.proxy import Upstreams
 
 log = logging.getLogger(__name__)
 
 HTTP_STATUS = {RejectCode.INVALID: 400, RejectCode.BUSY: 429, RejectCode.UNAVAILABLE: 503}
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def _error(status: int, code: str, reason: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "reason": reason, "message": message}}, status_code=status
-    )
 
 
 def _json_kind(value: Any) -> str:
@@ -72,8 +69,10 @@ def build_app(
     prometheus_registry: CollectorRegistry | None = None,
     references: References | None = None,
     reference_uploads: ReferenceUploads | None = None,
+    resources: Callable[[], dict[str, Any]] | None = None,
     forget_pending: Callable[[str], Awaitable[int]] | None = None,
     alerts: Alerts | None = None,
+    upstreams: Upstreams | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="mlsidecar admin API",
@@ -243,6 +242,15 @@ def build_app(
         """An OutcomeBatch in protobuf JSON form (same fields and validation as gRPC)."""
         return await ingest(request, pb.OutcomeBatch, receiver.accept_outcomes)
 
+    @app.get("/v1/resources", tags=["agent"])
+    def resource_readings() -> JSONResponse:
+        """The model process (pid, up, restarts, CPU and memory against its limits), the
+        sidecar's process and cgroup, GPUs, and what is unreadable and why (docs/resources.md).
+        A plain ``def``: reading /proc runs in the thread pool, not on the event loop."""
+        if resources is None:
+            return _error(404, "NOT_FOUND", "resources", "resources.enabled is false")
+        return JSONResponse(resources())
+
     if prometheus_registry is not None:
         registry = prometheus_registry
 
@@ -253,6 +261,9 @@ def build_app(
 
     if alerts is not None:
         add_alert_routes(app, alerts, admin_refusal)
+
+    if upstreams is not None:
+        add_breaker_routes(app, upstreams, admin_refusal)
 
     return app
 
