@@ -347,7 +347,11 @@ class Agent:
         """One evaluation of the alert rules; returns the notifications sent."""
         if self.alerts is None:
             return 0
-        reports = await asyncio.to_thread(self._latest_reports)
+        breakers = {
+            b["upstream"]: {"state": b["state"], "open": int(b["state"] == "open")}
+            for b in (await self.upstreams.listing())
+        }
+        reports = await asyncio.to_thread(self._latest_reports, breakers)
         notifications = self.alerts.evaluate(reports)
         for channel in self.alert_channels.values():
             if isinstance(channel, HttpChannel):
@@ -367,12 +371,15 @@ class Agent:
             raise LookupError(f"upstream {upstream!r}: no upstream.targets are configured")
         return await self.proxy.post_json(upstream, path, payload)
 
-    def _latest_reports(self) -> list[dict[str, Any]]:
-        reports = []
+    def _latest_reports(self, breakers: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every model version's health report, then the agent's own (resources, breakers)."""
+        reports: list[dict[str, Any]] = []
         for tracked in self.engine.models():
             report = self.engine.report(str(tracked["model"]), str(tracked["version"]))
             if report is not None:
                 reports.append(report)
+        resources = {} if self.resources is None else self.resources.report()
+        reports.append({"model": "", "version": "", "resources": resources, "breakers": breakers})
         return reports
 
     def install_reference(self, profile: ReferenceProfile) -> None:

@@ -188,7 +188,16 @@ def test_state_survives_a_restart_without_notifying_again(tmp_path: Path, caplog
 
 def test_default_rules_can_be_replaced_removed_and_extended_by_name():
     names = [r.name for r in DEFAULT_RULES]
-    assert names == ["dataset-drift", "feature-psi", "accuracy-low", "mape-high", "health-low"]
+    assert names == [
+        "dataset-drift",
+        "feature-psi",
+        "accuracy-low",
+        "mape-high",
+        "health-low",
+        "model-process-down",
+        "model-memory-high",
+        "breaker-open",
+    ]
     settings = Settings(
         alerts={
             "rules": {
@@ -204,7 +213,7 @@ def test_default_rules_can_be_replaced_removed_and_extended_by_name():
         }
     )
     rules = {r.name: r for r in configured_rules(settings.alerts)}
-    assert set(rules) == {"dataset-drift", "feature-psi", "accuracy-low", "health-low", "latency"}
+    assert set(rules) == set(names) - {"mape-high"} | {"latency"}
     assert rules["feature-psi"].threshold == 0.4
     assert rules["latency"].for_s == 120
     assert configured_rules(Settings(alerts={"default_rules": False}).alerts) == []
@@ -441,3 +450,55 @@ def test_an_alert_channel_must_name_an_upstream_target():
         load_settings(
             None, alerts={"channels": {"pager": {"type": "alertmanager", "upstream": "am"}}}
         )
+
+
+def test_rules_on_the_agents_own_report_carry_no_model_label():
+    clock = Clock()
+    (breaker,) = [r for r in DEFAULT_RULES if r.name == "breaker-open"]
+    alerts = Alerts([breaker], clock=clock)
+    agent = {
+        "model": "",
+        "version": "",
+        "breakers": {"feature-store": {"open": 1}, "db": {"open": 0}},
+    }
+    assert alerts.evaluate([agent]) == []  # open, but not for a minute yet
+    clock.advance(61)
+    (fired,) = alerts.evaluate([agent])
+    assert fired.alert.labels == {
+        "alertname": "breaker-open",
+        "severity": "warning",
+        "upstream": "feature-store",
+    }
+    # A model's report has no breakers: no data, nothing resolves.
+    assert alerts.evaluate([report(health={"score": 90}), agent]) == []
+
+
+def test_the_agent_alerts_when_the_model_process_is_not_running(tmp_path: Path):
+    pid_file = tmp_path / "model.pid"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pid_file.write_text(str(dead.pid))  # a process that has exited
+    harness = AgentHarness(
+        agent_settings(
+            resources={"model": {"pid_file": str(pid_file)}},
+            alerts={
+                "interval_s": 3600,
+                "rules": {
+                    "model-process-down": {
+                        "signal": "resources.model.up",
+                        "op": "==",
+                        "threshold": 0,
+                        "severity": "critical",
+                    }
+                },
+            },
+        )
+    ).start()
+    try:
+        harness.run(harness.agent.evaluate_alerts())
+        active = httpx.get(f"{harness.api_url}/v1/alerts").json()["active"]
+        down = [a for a in active if a["rule"] == "model-process-down"]
+        assert down and down[0]["state"] == "firing"
+        assert "model" not in down[0]["labels"]
+    finally:
+        harness.stop()

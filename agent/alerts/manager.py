@@ -99,7 +99,8 @@ class Alerts:
     # --- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, reports: Iterable[Mapping[str, Any]]) -> list[Notification]:
-        """Judge every rule on every report (one per model version); returns what to send."""
+        """Judge every rule on every report: one per model version, and the agent's own
+        (``model`` empty: ``resources``, ``breakers``); returns what to send."""
         now = self._clock()
         out: list[Notification] = []
         seen: set[str] = set()
@@ -110,10 +111,11 @@ class Alerts:
                 if rule.models is not None and model not in rule.models:
                     continue
                 for keys, value in rule.instances(report):
+                    # The agent's own report (resources, breakers) names no model.
+                    where = {"model": model, "version": version} if model else {}
                     labels = {
                         "alertname": rule.name,
-                        "model": model,
-                        "version": version,
+                        **where,
                         "severity": rule.severity,
                         **keys,
                         **rule.labels,

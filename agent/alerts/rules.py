@@ -39,6 +39,7 @@ WILDCARD_LABELS: Mapping[str, str] = {
     "segments": "segment",
     "streams": "stream",
     "long_windows": "window",
+    "breakers": "upstream",
 }
 
 
@@ -157,6 +158,34 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
         50.0,
         severity="critical",
         annotations={"summary": "model health score below 50"},
+    ),
+    # On the agent's own report (resources, breakers): no data unless those are configured.
+    AlertRule(
+        "model-process-down",
+        "resources.model.up",
+        "==",
+        0.0,
+        for_s=30.0,
+        severity="critical",
+        annotations={"summary": "the model service's process is not running"},
+    ),
+    AlertRule(
+        "model-memory-high",
+        "resources.model.memory.limit_utilization",
+        ">",
+        0.9,
+        for_s=60.0,
+        severity="warning",
+        annotations={"summary": "the model process uses over 90 % of its memory limit"},
+    ),
+    AlertRule(
+        "breaker-open",
+        "breakers.*.open",
+        "==",
+        1.0,
+        for_s=60.0,
+        severity="warning",
+        annotations={"summary": "an upstream's circuit breaker has been open for a minute"},
     ),
 )
 
