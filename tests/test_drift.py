@@ -160,8 +160,9 @@ def test_ks_on_bins_at_every_observed_value_is_exact_and_its_p_value_is_kolmogor
     assert d == pytest.approx(exact.statistic, abs=1e-12)
     en = a.size * b.size / (a.size + b.size)
     assert p_value == pytest.approx(stats.kstwobign.sf(math.sqrt(en) * d), rel=1e-9, abs=1e-12)
-    # scipy's "asymp" uses the one-sample finite-n law at round(en); the gap is O(1/sqrt(en)).
-    assert abs(p_value - exact.pvalue) <= 0.3 / math.sqrt(en)
+    # scipy's "asymp" uses the one-sample finite-n law at round(en); the gap is O(1/sqrt(en)),
+    # about 0.1 at en = 9.5 with heavy ties (found by hypothesis), so the constant is 0.5.
+    assert abs(p_value - exact.pvalue) <= 0.5 / math.sqrt(en)
 
 
 # --- Jensen-Shannon -------------------------------------------------------------------------

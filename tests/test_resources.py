@@ -427,17 +427,30 @@ def test_a_sidecar_under_another_uid_really_cannot_read_fd_and_io_and_says_why(
     python = system_python_like_ours()
     assert python is not None
     root = Path(__file__).resolve().parent.parent
-    path = os.pathsep.join([str(root), *site.getsitepackages()])
-    done = subprocess.run(
-        [python, "-c", AS_OTHER_USER, str(model.pid)],
-        user=65534,
-        group=65534,
-        cwd="/",
-        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    packages = [root, *map(Path, site.getsitepackages())]
+    path = os.pathsep.join(map(str, packages))
+    # nobody must reach the checkout and the venv: a CI clone may sit in a mode-700 tmp
+    # dir. Grant traverse (o+x, not read) on the directories in the way, for this test only.
+    granted = []
+    for directory in {d for p in packages for d in (p, *p.parents)}:
+        mode = directory.stat().st_mode
+        if not mode & 0o001:
+            directory.chmod(mode | 0o001)
+            granted.append((directory, mode))
+    try:
+        done = subprocess.run(
+            [python, "-c", AS_OTHER_USER, str(model.pid)],
+            user=65534,
+            group=65534,
+            cwd="/",
+            env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for directory, mode in granted:
+            directory.chmod(mode)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["uid"] == 65534

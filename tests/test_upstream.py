@@ -110,9 +110,11 @@ def test_64_concurrent_calls_through_a_closed_breaker_run_at_once_not_one_after_
         f"\n64 concurrent 100 ms calls, one closed breaker: adapter alone {alone * 1000:.0f} ms; "
         f"HTTP direct {direct * 1000:.0f} ms, HTTP through the breaker {guarded * 1000:.0f} ms"
     )
-    # pybreaker's call() holds its lock across each call: 64 x 100 ms = 6.4 s.
-    assert alone < 0.2
-    assert guarded < 1.0
+    # pybreaker's call() holds its lock across each call: 64 x 100 ms = 6.4 s. The bounds
+    # are loose (a busy CI machine is slow); the proof is the overlap: serialised calls
+    # would take 6.4 s and never have more than one in flight.
+    assert alone < 1.0
+    assert guarded < 3.2
     assert upstream.max_in_flight >= 48  # they overlap (connecting 64 sockets takes a moment)
 
 
