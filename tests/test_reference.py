@@ -121,8 +121,6 @@ def test_live_values_are_counted_exactly_as_one_searchsorted_per_value(ref, live
     assert b.missing == int(np.isnan(live).sum())
     assert b.nonfinite == int(np.isinf(live).sum())
     assert b.out_of_range == int(((fin < p.min) | (fin > p.max)).sum())
-    assert b.min == (fin.min() if fin.size else None)
-    assert b.max == (fin.max() if fin.size else None)
     idx = np.searchsorted(p.cdf_edges, fin, side="left")
     assert b.below_sum == pytest.approx(fin[idx == 0].sum(), rel=1e-12, abs=1e-6)
     assert b.above_sum == pytest.approx(fin[idx == p.cdf_edges.size].sum(), rel=1e-12, abs=1e-6)

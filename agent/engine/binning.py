@@ -77,7 +77,7 @@ class _Plan(NamedTuple):
 class _Sums:
     """One group's running counts; every field has one row per feature of the group."""
 
-    __slots__ = ("above", "below", "maxs", "mins", "per_bin", "rows", "tails", "total")
+    __slots__ = ("above", "below", "per_bin", "rows", "tails", "total")
 
     def __init__(self, group: _Group) -> None:
         n = len(group.names)
@@ -86,8 +86,6 @@ class _Sums:
         # Values <= -inf, <= largest finite, < reference min, <= reference max, not NaN.
         self.tails = np.zeros((n, 5), dtype=np.int64)
         self.rows = np.zeros(n, dtype=np.int64)
-        self.mins = np.full(n, np.inf)
-        self.maxs = np.full(n, -np.inf)
         self.below = np.zeros(n)
         self.above = np.zeros(n)
         self.total = np.zeros(n)  # of the finite values
@@ -151,8 +149,7 @@ class NumericTally:
         sums = self._sums[g]
         # One spare column per row: reduceat below needs an index past each row's end.
         values = np.empty((len(names), rows + 1))
-        for r, name in enumerate(names):
-            values[r, :rows] = numbers[name]
+        np.stack([numbers[name] for name in names], out=values[:, :rows])
         values[:, rows] = 0.0
         values[:, :rows].sort(axis=1)  # NaN last
         probes = group.probes[sel]
@@ -166,14 +163,7 @@ class NumericTally:
         sums.rows[sel] += rows
         first, finite_end, below_min, up_to_max, not_nan = tails.T
         finite = finite_end - first
-        seen = finite > 0
         at = np.arange(len(names))
-        sums.mins[sel] = np.minimum(
-            sums.mins[sel], np.where(seen, values[at, np.minimum(first, rows - 1)], np.inf)
-        )
-        sums.maxs[sel] = np.maximum(
-            sums.maxs[sel], np.where(seen, values[at, np.maximum(finite_end - 1, 0)], -np.inf)
-        )
         # Sums of the values in the first and last cdf bins (finite, so [first, below_end)
         # and [above_start, finite_end)), by one reduceat over the flattened rows.
         bounds = np.stack((first, hits[:, 1], hits[:, group.cdf_end - 1], finite_end), axis=1)
@@ -203,8 +193,6 @@ class NumericTally:
             mine.per_bin += theirs.per_bin
             mine.tails += theirs.tails
             mine.rows += theirs.rows
-            np.minimum(mine.mins, theirs.mins, out=mine.mins)
-            np.maximum(mine.maxs, theirs.maxs, out=mine.maxs)
             mine.below += theirs.below
             mine.above += theirs.above
             mine.total += theirs.total
@@ -233,7 +221,6 @@ class NumericTally:
             for r in np.flatnonzero(sums.rows).tolist():
                 first, finite_end, below_min, up_to_max, not_nan = sums.tails[r].tolist()
                 finite = finite_end - first
-                seen = finite > 0
                 out[group.names[r]] = NumericBins(
                     sums.per_bin[r, group.psi_start : group.psi_end].copy(),
                     sums.per_bin[r, : group.cdf_end].copy(),
@@ -242,8 +229,6 @@ class NumericTally:
                     out_of_range=(below_min - first) + (finite_end - up_to_max)
                     if group.has_range[r]
                     else finite,
-                    min=float(sums.mins[r]) if seen else None,
-                    max=float(sums.maxs[r]) if seen else None,
                     below_sum=float(sums.below[r]),
                     above_sum=float(sums.above[r]),
                 )

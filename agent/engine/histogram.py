@@ -65,24 +65,39 @@ class FixedHistogram:
 
     def _no_exemplars(self) -> None:
         # Per bucket, its exemplar's fields (trace None: no exemplar), kept as arrays so
-        # that a batch updates every bucket in a few vector operations.
-        n = self.counts.size
-        self._ex_value = np.zeros(n)
-        self._ex_time = np.zeros(n, dtype=np.int64)
-        self._ex_trace = np.full(n, None, dtype=object)
-        self._ex_span = np.full(n, None, dtype=object)
+        # that a batch updates every bucket in a few vector operations; allocated with the
+        # first exemplar (most batch histograms never get one).
+        self._ex_value: FloatArray | None = None
+        self._ex_time: npt.NDArray[np.int64] | None = None
+        self._ex_trace: npt.NDArray[np.object_] | None = None
+        self._ex_span: npt.NDArray[np.object_] | None = None
+
+    def _exemplar_arrays(
+        self,
+    ) -> tuple[FloatArray, npt.NDArray[np.int64], npt.NDArray[np.object_], npt.NDArray[np.object_]]:
+        if (
+            self._ex_value is None
+            or self._ex_time is None
+            or self._ex_trace is None
+            or self._ex_span is None
+        ):
+            n = self.counts.size
+            self._ex_value = np.zeros(n)
+            self._ex_time = np.zeros(n, dtype=np.int64)
+            self._ex_trace = np.full(n, None, dtype=object)
+            self._ex_span = np.full(n, None, dtype=object)
+        return self._ex_value, self._ex_time, self._ex_trace, self._ex_span
 
     @property
     def exemplars(self) -> list[Exemplar | None]:
         """Per bucket, the newest traced row counted in it (None if none)."""
+        if self._ex_trace is None:
+            return [None] * self.counts.size
+        value, when, trace, span = self._exemplar_arrays()
         return [
             None if trace is None else Exemplar(value, time, trace, span)
             for value, time, trace, span in zip(
-                self._ex_value.tolist(),
-                self._ex_time.tolist(),
-                self._ex_trace.tolist(),
-                self._ex_span.tolist(),
-                strict=True,
+                value.tolist(), when.tolist(), trace.tolist(), span.tolist(), strict=True
             )
         ]
 
@@ -156,10 +171,13 @@ class FixedHistogram:
             buckets, positions = buckets[keep], positions[keep]
             traces = [t for t, k in zip(traces, traced, strict=True) if k]
             spans = [s for s, k in zip(spans, traced, strict=True) if k]
-        self._ex_value[buckets] = values[positions]
-        self._ex_time[buckets] = time_unix_nano
-        self._ex_trace[buckets] = _objects(traces)
-        self._ex_span[buckets] = _objects(spans)
+        if not traces:
+            return
+        ex_value, ex_time, ex_trace, ex_span = self._exemplar_arrays()
+        ex_value[buckets] = values[positions]
+        ex_time[buckets] = time_unix_nano
+        ex_trace[buckets] = _objects(traces)
+        ex_span[buckets] = _objects(spans)
 
     def merge(self, other: FixedHistogram) -> None:
         """Add ``other``'s counts; its exemplars replace this one's (it is the newer)."""
@@ -173,12 +191,12 @@ class FixedHistogram:
             self.min = other.min
         if other.max > self.max:
             self.max = other.max
-        newer = other._ex_trace != None  # noqa: E711 (elementwise, on an object array)
-        if newer.any():
-            self._ex_value[newer] = other._ex_value[newer]
-            self._ex_time[newer] = other._ex_time[newer]
-            self._ex_trace[newer] = other._ex_trace[newer]
-            self._ex_span[newer] = other._ex_span[newer]
+        if other._ex_trace is None:
+            return
+        theirs = other._exemplar_arrays()
+        newer = theirs[2] != None  # noqa: E711 (elementwise, on an object array)
+        for mine, their in zip(self._exemplar_arrays(), theirs, strict=True):
+            mine[newer] = their[newer]
 
     def mean(self) -> float | None:
         return self.sum / self.count if self.count else None

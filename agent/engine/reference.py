@@ -46,9 +46,8 @@ class NumericBins(NamedTuple):
 
     ``psi_counts`` and ``cdf_counts`` hold finite values only; NaN is ``missing``,
     ±inf is ``nonfinite``; ``out_of_range`` counts finite values outside the reference
-    [min, max]; ``min``/``max`` are the finite extremes seen (None if none);
-    ``below_sum``/``above_sum`` sum the values in the first and last cdf bins, whose
-    means place the tails for the Wasserstein distance.
+    [min, max]; ``below_sum``/``above_sum`` sum the values in the first and last cdf
+    bins, whose means place the tails for the Wasserstein distance.
     """
 
     psi_counts: IntArray
@@ -56,8 +55,6 @@ class NumericBins(NamedTuple):
     missing: int
     nonfinite: int
     out_of_range: int
-    min: float | None
-    max: float | None
     below_sum: float = 0.0
     above_sum: float = 0.0
 
@@ -74,8 +71,6 @@ class NumericBins(NamedTuple):
             self.missing + other.missing,
             self.nonfinite + other.nonfinite,
             self.out_of_range + other.out_of_range,
-            _extreme(min, self.min, other.min),
-            _extreme(max, self.max, other.max),
             self.below_sum + other.below_sum,
             self.above_sum + other.above_sum,
         )
@@ -262,8 +257,6 @@ class NumericProfile:
             0,
             0,
             0,
-            None,
-            None,
         )
 
     def bin(self, values: FloatArray) -> NumericBins:
@@ -295,8 +288,6 @@ class NumericProfile:
             out_of_range=count
             if self.min is None
             else (below_min - first) + (finite_end - up_to_max),
-            min=float(s[first]),
-            max=float(s[finite_end - 1]),
             below_sum=float(s[first:below_end].sum()),
             above_sum=float(s[above_start:finite_end].sum()),
         )
@@ -808,14 +799,6 @@ def _sorted_counts(ordered: FloatArray, edges: FloatArray) -> IntArray:
     """Counts of the sorted values per bin ``edges[i-1] < v <= edges[i]`` (plus the overflow)."""
     at_most = np.searchsorted(ordered, edges, side="right")
     return np.diff(at_most, prepend=0, append=ordered.size).astype(np.int64)
-
-
-def _extreme(pick: Any, a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return float(pick(a, b))
 
 
 def _at(path: str, load: Any, raw: Any) -> Any:
