@@ -51,10 +51,10 @@ from agent.store import (
 )
 from agent.telemetry.events import HealthEventLog, HealthEvents, poll_health_events
 from agent.telemetry.providers import Telemetry
-from agent.upstream import EgressProxy, Upstreams, UpstreamTelemetry
 
 if TYPE_CHECKING:
     from agent.store.redis import RedisPendingPredictions
+    from agent.upstream import EgressProxy, Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +242,19 @@ class Agent:
             else None
         )
         self._alerting: asyncio.Task[None] | None = None
-        # Breaker-guarded upstream targets; the egress proxy listens only when some exist.
-        self.upstreams = Upstreams.from_settings(
-            settings.upstream,
-            redis_url=settings.upstream_redis_url(),
-            telemetry=UpstreamTelemetry(meter, tracer),
-        )
-        self.proxy = (
-            EgressProxy(settings.upstream, self.upstreams) if settings.upstream.targets else None
-        )
+        # Breaker-guarded upstream targets and the egress proxy, only when some are configured
+        # (imported then: pybreaker brings redis-py, ~24 MB of memory, along).
+        self.upstreams: Upstreams | None = None
+        self.proxy: EgressProxy | None = None
+        if settings.upstream.targets:
+            from agent.upstream import EgressProxy, Upstreams, UpstreamTelemetry
+
+            self.upstreams = Upstreams.from_settings(
+                settings.upstream,
+                redis_url=settings.upstream_redis_url(),
+                telemetry=UpstreamTelemetry(meter, tracer),
+            )
+            self.proxy = EgressProxy(settings.upstream, self.upstreams)
         app = build_app(
             settings.api,
             self.engine,
@@ -347,9 +351,9 @@ class Agent:
         """One evaluation of the alert rules; returns the notifications sent."""
         if self.alerts is None:
             return 0
+        listing = [] if self.upstreams is None else await self.upstreams.listing()
         breakers = {
-            b["upstream"]: {"state": b["state"], "open": int(b["state"] == "open")}
-            for b in (await self.upstreams.listing())
+            b["upstream"]: {"state": b["state"], "open": int(b["state"] == "open")} for b in listing
         }
         reports = await asyncio.to_thread(self._latest_reports, breakers)
         notifications = self.alerts.evaluate(reports)

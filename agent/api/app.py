@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Query, Request
@@ -36,8 +36,9 @@ from agent.engine import Engine
 from agent.ingest.decode import RejectCode, Rejected
 from agent.ingest.receiver import EventReceiver
 from agent.references import ReferenceRejected, References, ReferenceUploads
-from agent.upstream.api import add_breaker_routes
-from agent.upstream.proxy import Upstreams
+
+if TYPE_CHECKING:
+    from agent.upstream.proxy import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,15 @@ def build_app(
         add_alert_routes(app, alerts, admin_refusal)
 
     if upstreams is not None:
+        from agent.upstream.api import add_breaker_routes  # only with upstream targets
+
         add_breaker_routes(app, upstreams, admin_refusal)
+    else:
+
+        @app.get("/v1/breakers", tags=["upstream"])
+        def no_breakers() -> dict[str, Any]:
+            """No upstream targets are configured: no breakers."""
+            return {"breakers": []}
 
     return app
 
