@@ -587,6 +587,12 @@ class IdIndex:
             return
         keep = (self._flat_keys != 0) & self._live(self._flat_locs)
         keys, locs = self._flat_keys[keep], self._flat_locs[keep]
+        del keep
+        # Let go of the old table before allocating the new one: the rebuild's peak memory
+        # is then the new table plus the live entries, not two tables.
+        self._keys = np.empty((0, self.BUCKET), dtype=np.uint64)
+        self._locs = np.empty((0, self.BUCKET), dtype=np.int64)
+        self._flat_keys, self._flat_locs = self._keys.reshape(-1), self._locs.reshape(-1)
         buckets = math.ceil((len(keys) + n) / (self.TARGET_LOAD * self.BUCKET))
         self._allocate(max(buckets, self.MIN_BUCKETS))
         self._fill_empty(keys, locs)
