@@ -433,7 +433,7 @@ def test_admin_api_connections_disable_nagle(agent):
         assert client.get(agent.api_url + "/healthz").status_code == 200  # stays open
 
         async def nodelay_flags() -> list[int]:
-            connections = agent.agent.api._server.server_state.connections
+            connections = agent.agent.api._listener._server.server_state.connections
             return [
                 c.transport.get_extra_info("socket").getsockopt(
                     socket.IPPROTO_TCP, socket.TCP_NODELAY

@@ -15,6 +15,7 @@ what falls out of it is logged.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -80,7 +81,7 @@ def _iso(unix_nano: int) -> str:
     return datetime.fromtimestamp(unix_nano / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-class HttpChannel:
+class HttpChannel(ABC):
     """A channel that POSTs JSON through an upstream target; failed sends are retried."""
 
     def __init__(self, name: str, post: Post, upstream: str, path: str) -> None:
@@ -91,8 +92,9 @@ class HttpChannel:
         self.outbox: deque[Notification] = deque()
         self.dropped = 0
 
+    @abstractmethod
     def payload(self, notification: Notification) -> Any:
-        raise NotImplementedError
+        """The JSON body a notification is sent as."""
 
     async def send(self, notification: Notification) -> None:
         if len(self.outbox) >= OUTBOX:

@@ -9,15 +9,12 @@ await api.stop()
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
-import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
@@ -31,6 +28,7 @@ from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent.alerts.api import add_alert_routes
 from agent.alerts.manager import Alerts
 from agent.api.errors import error_response as _error
+from agent.api.serve import HttpListener
 from agent.config import MODEL_NAME_PATTERN, ApiSettings
 from agent.engine import Engine
 from agent.ingest.decode import RejectCode, Rejected
@@ -277,14 +275,6 @@ def build_app(
     return app
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside the agent's loop: the agent, not uvicorn, owns signal handling."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class AdminApi:
     """Owns the uvicorn server for the admin app."""
 
@@ -304,46 +294,16 @@ class AdminApi:
             meter_provider=meter_provider,
             excluded_urls="healthz,readyz,metrics",
         )
-        self.port: int | None = None
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._listener = HttpListener(app, settings, key="api.listen", what="admin API")
+
+    @property
+    def port(self) -> int | None:
+        return self._listener.port
 
     async def start(self) -> None:
+        await self._listener.start()
         s = self.settings
-        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
-        # without it every response waits ~40 ms for a delayed ACK (Nagle).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((s.host, s.port))
-        except OSError as error:
-            sock.close()
-            raise OSError(f"api.listen: cannot bind {s.listen}: {error.strerror}") from None
-        sock.listen(128)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            ssl_certfile=str(s.tls.cert) if s.tls else None,
-            ssl_keyfile=str(s.tls.key) if s.tls else None,
-            ssl_ca_certs=str(s.tls.client_ca) if s.tls and s.tls.client_ca else None,
-            ssl_cert_reqs=2 if s.tls and s.tls.client_ca else 0,
-        )
-        self._server = _EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises what stopped it
-                raise RuntimeError("admin API stopped during start-up")
-            await asyncio.sleep(0.01)
         log.info("admin API listening", extra={"address": f"{s.host}:{self.port}"})
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
-            self._server = None
+        await self._listener.stop()

@@ -586,3 +586,16 @@ class OrphanOutcomes:
     def _count(self, model: str, version: str, n: int) -> None:
         key = (model, version)
         self._orphaned[key] = self._orphaned.get(key, 0) + n
+
+
+def scatter(
+    fill: list[T], where: IntArray, values: list[T], pick: IntArray | None = None
+) -> list[T]:
+    """``fill`` with ``values`` (or ``values[pick]``) placed at ``where``: object-array
+    copies instead of a Python loop over the rows."""
+    source = np.empty(len(values), dtype=object)
+    source[:] = values
+    out = np.empty(len(fill), dtype=object)
+    out[:] = fill
+    out[where] = source if pick is None else source[pick]
+    return out.tolist()

@@ -52,6 +52,7 @@ from agent.store.pending import (
     StoreFullError,
     StoreSchemaError,
     StoreStats,
+    scatter,
 )
 from agent.store.sqlite import encode_strings
 
@@ -872,29 +873,16 @@ def _assemble(
     if np.any(label_starts < stops):
         raws = [text[a:b] for a, b in zip(label_starts.tolist(), stops.tolist(), strict=True)]
         decoded = {raw: raw.decode("utf-8", "surrogatepass") for raw in set(raws)}
-        labels = _scatter(labels, where, [decoded[raw] for raw in raws])
+        labels = scatter(labels, where, [decoded[raw] for raw in raws])
     probabilities, class_names = _probabilities(len(ids), where, data, starts, shared, batch_of)
     return dataclasses.replace(
         out,
         labels=labels,
-        versions=_scatter(out.versions, where, [meta.version for meta in shared], batch_of),
-        attributes=_scatter(out.attributes, where, [meta.attributes for meta in shared], batch_of),
+        versions=scatter(out.versions, where, [meta.version for meta in shared], batch_of),
+        attributes=scatter(out.attributes, where, [meta.attributes for meta in shared], batch_of),
         probabilities=probabilities,
         class_names=class_names,
     )
-
-
-def _scatter(
-    fill: list[T], where: IntArray, values: list[T], pick: IntArray | None = None
-) -> list[T]:
-    """``fill`` with ``values`` (or ``values[pick]``) placed at ``where``: object-array
-    copies instead of a Python loop over the rows."""
-    source = np.empty(len(values), dtype=object)
-    source[:] = values
-    out = np.empty(len(fill), dtype=object)
-    out[:] = fill
-    out[where] = source if pick is None else source[pick]
-    return out.tolist()
 
 
 def _probabilities(

@@ -50,6 +50,7 @@ from agent.store.pending import (
     StoreInUseError,
     StoreSchemaError,
     StoreStats,
+    scatter,
 )
 
 UIntArray = npt.NDArray[np.uint64]
@@ -1479,28 +1480,15 @@ def _assemble(
     )
     return dataclasses.replace(
         out,
-        labels=_scatter(out.labels, positions[have], labels),
+        labels=scatter(out.labels, positions[have], labels),
         # Values a batch shares, by the batch each row came from.
-        versions=_scatter(out.versions, positions, [batch.version for batch in batches], batch_of),
-        attributes=_scatter(
+        versions=scatter(out.versions, positions, [batch.version for batch in batches], batch_of),
+        attributes=scatter(
             out.attributes, positions, [meta.attributes for meta in shared], batch_of
         ),
         probabilities=probabilities,
         class_names=class_names,
     )
-
-
-def _scatter(
-    fill: list[T], positions: IntArray, values: list[T], pick: IntArray | None = None
-) -> list[T]:
-    """``fill`` with ``values`` (or ``values[pick]``) placed at ``positions``: object-array
-    copies instead of a Python loop over the rows."""
-    source = np.empty(len(values), dtype=object)
-    source[:] = values
-    out = np.empty(len(fill), dtype=object)
-    out[:] = fill
-    out[positions] = source if pick is None else source[pick]
-    return out.tolist()
 
 
 def _probabilities(

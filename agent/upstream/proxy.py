@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import uvicorn
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
@@ -36,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from agent.api.errors import error_response as _error
+from agent.api.serve import HttpListener
 from agent.config import UpstreamPolicy, UpstreamSettings
 from agent.upstream.breaker import AsyncBreaker, BreakerOpen
 from agent.upstream.policy import Bulkhead, BulkheadFull, build_breaker, retry_delays
@@ -208,8 +207,15 @@ class EgressProxy:
         # `proxy-authorization`, not `authorization`: that one belongs to the upstream.
         self._token = None if settings.token is None else settings.token.get_secret_value()
         self.port: int | None = None
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        # A stop waits 5 s for calls in flight (a slow stream), then cuts them.
+        self._listener = HttpListener(
+            self,
+            settings,
+            key="upstream.listen",
+            what="egress proxy",
+            backlog=1024,
+            graceful_shutdown_s=5,
+        )
 
     # -- the ASGI app ----------------------------------------------------------------------
 
@@ -470,56 +476,17 @@ class EgressProxy:
     # -- the listener ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._listener.start()
+        self.port = self._listener.port
         s = self.settings
-        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((s.host, s.port))
-        except OSError as error:
-            sock.close()
-            raise OSError(f"upstream.listen: cannot bind {s.listen}: {error.strerror}") from None
-        sock.listen(1024)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            # A stop waits this long for calls in flight (a slow stream), then cuts them.
-            timeout_graceful_shutdown=5,
-            ssl_certfile=str(s.tls.cert) if s.tls else None,
-            ssl_keyfile=str(s.tls.key) if s.tls else None,
-            ssl_ca_certs=str(s.tls.client_ca) if s.tls and s.tls.client_ca else None,
-            ssl_cert_reqs=2 if s.tls and s.tls.client_ca else 0,
-        )
-        self._server = _EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("egress proxy stopped during start-up")
-            await asyncio.sleep(0.01)
         log.info(
             "egress proxy listening",
             extra={"address": f"{s.host}:{self.port}", "upstreams": len(self.upstreams.by_name)},
         )
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
-            self._server = None
+        await self._listener.stop()
         await self._client.aclose()
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside the agent's loop: the agent, not uvicorn, owns signal handling."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
