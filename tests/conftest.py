@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -293,3 +294,13 @@ def agent_process() -> Iterator[Callable[..., AgentProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server (tests/redis_server.py) on a free port, stopped after the test."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

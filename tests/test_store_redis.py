@@ -7,7 +7,6 @@ Needs Debian's redis-server (`make system-deps` installs it).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -20,7 +19,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from conftest import AgentHarness, agent_settings, mlsidecar_command, subprocess_env
+from conftest import AgentHarness, agent_settings, free_port, mlsidecar_command, subprocess_env
+from redis_server import RedisServer
 from sklearn.metrics import accuracy_score
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
@@ -42,88 +42,6 @@ DAY = 86400 * SECOND
 NOW = 1_700_000_000 * SECOND
 MODEL = "churn"
 ENGINE = {"window_s": 1e9, "warmup_rows": 0}
-
-
-# -- a real redis-server --------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """redis-server on a free 127.0.0.1 port, in its own directory; restartable on that port.
-
-    server = RedisServer(tmp_path).start()      # server.url, server.client()
-    server.stop(); server.start()               # same port (data kept only with appendonly)
-    """
-
-    def __init__(
-        self, directory: Path, *, password: str | None = None, appendonly: bool = False
-    ) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `make system-deps` (Debian package)")
-        self.binary = binary
-        self.directory = directory
-        self.port = _free_port()
-        self.password = password
-        self.appendonly = appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-
-    def start(self) -> RedisServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--dir", str(self.directory), "--save", ""]
-        if self.appendonly:
-            command += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            command += ["--appendonly", "no"]
-        if self.password:
-            command += ["--requirepass", self.password]
-        log = (self.directory / "redis.log").open("ab")
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if self.client().ping():
-                    return self
-            except redis.exceptions.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                text = (self.directory / "redis.log").read_text(errors="replace")
-                pytest.fail(f"redis-server did not answer PING on port {self.port}:\n{text}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -468,7 +386,7 @@ def test_redis_at_maxmemory_refuses_a_put_as_store_full_and_still_joins(
 
 
 def test_an_unreachable_redis_fails_the_open_naming_host_and_port_but_not_the_password() -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(RedisUnavailableError) as caught:
         RedisPendingPredictions(f"redis://app:hunter2-secret@127.0.0.1:{port}/0", timeout_s=1)
     assert f"127.0.0.1:{port}" in str(caught.value)
@@ -700,7 +618,7 @@ def test_the_redis_password_never_shows_in_config_show_errors_or_logs(
 
 
 def test_a_redis_that_is_down_at_start_stops_the_agent_from_starting() -> None:
-    port = _free_port()
+    port = free_port()
     settings = agent_settings(
         store={"backend": "redis", "redis": {"url": f"redis://:s3cr3t@127.0.0.1:{port}/0"}}
     )

@@ -11,13 +11,12 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pybreaker
 import pytest
-from test_store_redis import RedisServer
+from redis_server import RedisServer
 from upstream_server import FlakyUpstream
 
 from agent.config import BreakerPolicy, RetryPolicy
@@ -49,13 +48,6 @@ class Transitions(pybreaker.CircuitBreakerListener):
 def upstream() -> Iterator[FlakyUpstream]:
     with FlakyUpstream() as server:
         yield server
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def breaker(**policy: Any) -> tuple[AsyncBreaker, Transitions]:
