@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest proto proto-lint bench bench-peers bench-memory system-deps clean
+.PHONY: install demo test lint typecheck pytest proto proto-lint bench bench-peers bench-memory bench-engine bench-store bench-upstream bench-resources system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,19 @@ bench-peers: $(BENCH_STAMP)
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py --mode engine $(BENCH_ARGS)
 	$(BIN)/python bench/memory.py --mode agent $(BENCH_ARGS)
+
+# The other benchmarks print figures; bench/README.md says what each measures.
+bench-engine: $(STAMP)
+	$(BIN)/python bench/engine.py $(BENCH_ARGS)
+
+bench-store: $(STAMP)
+	$(BIN)/python bench/store.py $(BENCH_ARGS)
+
+bench-upstream: $(STAMP)
+	$(BIN)/python bench/upstream.py $(BENCH_ARGS)
+
+bench-resources: $(STAMP)
+	$(BIN)/python bench/resources.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
