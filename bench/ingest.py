@@ -12,9 +12,11 @@ else), so client and server do not share one GIL.
     .venv/bin/python bench/ingest.py --serve agent   # only a server (e.g. under py-spy)
     .venv/bin/python bench/ingest.py --agent-target 127.0.0.1:4320 --phases agent-columnar
 
-Phases (events = prediction rows):
+Phases (events = prediction rows; every batch carries new prediction ids):
     ceiling-columnar  bare servicer, columnar batches (rows x features)
-    agent-columnar    the agent, the same bytes
+    agent-columnar    the agent, the same bytes (pending store on: every id is kept for a join)
+    agent-outcomes    the agent, outcome batches for the ids agent-columnar sent, newest first:
+                      every outcome row joins its prediction (events = joins)
     ceiling-rows      bare servicer, row-form batches (parse only)
     agent-rows        the agent, row-form batches (PredictionEvent)
     ceiling-unary     bare servicer, one event per call
@@ -51,11 +53,13 @@ if str(ROOT) not in sys.path:
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb  # noqa: E402
 
 SUBMIT = "/mlsidecar.v1.Ingest/SubmitPredictions"
+SUBMIT_OUTCOMES = "/mlsidecar.v1.Ingest/SubmitOutcomes"
 HEALTH = "/mlsidecar.v1.Ingest/GetModelHealth"
 MODEL = "bench"
 PHASES = (
     "ceiling-columnar",
     "agent-columnar",
+    "agent-outcomes",
     "ceiling-rows",
     "agent-rows",
     "ceiling-unary",
@@ -63,6 +67,8 @@ PHASES = (
 )
 TARGET_EVENTS_PER_S = 1_000_000
 TARGET_RATIO = 0.25
+# Issue 3: through the agent with the pending store on, these 2 cores shared with the client.
+TARGET_STORE_EVENTS_PER_S = 300_000
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -72,13 +78,57 @@ CHANNEL_OPTIONS = [
 # --- messages ---------------------------------------------------------------------------------
 
 
-def columnar_batch(rows: int, features: int, seed: int = 1) -> pb.PredictionBatch:
+# Every id of a template starts with PLACEHOLDER; each send stamps a batch number of the
+# same width over it, so the bytes stay valid protobuf and every batch has new ids.
+PLACEHOLDER = b"#########"
+
+
+def _ids(form: str, rows: int) -> list[str]:
+    return [f"{PLACEHOLDER.decode()}{form}{i:07d}" for i in range(rows)]
+
+
+class IdStamper:
+    """Serialised batches with fresh ids: ``next()`` stamps the next batch number into them.
+
+    stamper = IdStamper(columnar_batch(1000, 20).SerializeToString())
+    raw = stamper.next()        # ids '000000000c0000000', ... then '000000001c...'
+    """
+
+    def __init__(self, template: bytes) -> None:
+        self.parts = template.split(PLACEHOLDER)
+        self.sent = 0
+
+    def stamp(self, n: int) -> bytes:
+        return (b"%09d" % n).join(self.parts)
+
+    def next(self) -> bytes | None:
+        raw = self.stamp(self.sent)
+        self.sent += 1
+        return raw
+
+
+class OutcomeSource:
+    """Outcome batches for the prediction batches a stamper has sent, newest first, once each."""
+
+    def __init__(self, predictions: IdStamper, template: bytes) -> None:
+        self.predictions = predictions
+        self.outcomes = IdStamper(template)
+        self.taken = 0
+
+    def next(self) -> bytes | None:
+        if self.taken >= self.predictions.sent:
+            return None  # every prediction batch sent so far has its outcomes
+        self.taken += 1
+        return self.outcomes.stamp(self.predictions.sent - self.taken)
+
+
+def columnar_batch(rows: int, features: int, seed: int = 1, form: str = "c") -> pb.PredictionBatch:
     """``rows`` predictions with ``features`` numeric columns, scores, latencies and trace ids."""
     rng = np.random.default_rng(seed)
     return pb.PredictionBatch(
         model=MODEL,
         model_version="v1",
-        ids=[f"p-{seed}-{i:07d}" for i in range(rows)],
+        ids=_ids(form, rows),
         features=[
             pb.Column(name=f"f{j:02d}", numbers=pb.NumberValues(values=rng.normal(j, 1.0, rows)))
             for j in range(features)
@@ -101,7 +151,7 @@ def row_batch(rows: int, features: int, seed: int = 2) -> pb.PredictionBatch:
         model_version="v1",
         events=[
             pb.PredictionEvent(
-                id=f"r-{seed}-{i:07d}",
+                id=f"{PLACEHOLDER.decode()}r{i:07d}",
                 numbers=dict(zip(names, values[i].tolist(), strict=True)),
                 score=float(rng.random()),
                 latency_ms=float(rng.lognormal(2.0, 0.7)),
@@ -111,6 +161,14 @@ def row_batch(rows: int, features: int, seed: int = 2) -> pb.PredictionBatch:
             for i in range(rows)
         ],
         attributes={"region": "eu"},
+    )
+
+
+def outcome_batch(rows: int, seed: int = 4) -> pb.OutcomeBatch:
+    """Actual values for the ``rows`` predictions of one columnar batch."""
+    rng = np.random.default_rng(seed)
+    return pb.OutcomeBatch(
+        model=MODEL, model_version="v1", ids=_ids("c", rows), actual_values=rng.random(rows)
     )
 
 
@@ -177,7 +235,8 @@ def agent_settings() -> Any:
         api={"listen": "127.0.0.1:0", "prometheus": True},
         telemetry={"otlp": False},
         # References built during the run are written here, not into the working tree.
-        store={"data_dir": tempfile.mkdtemp(prefix="mlsidecar-bench-")},
+        # Room for every prediction of a long run: outcomes must find them all pending.
+        store={"data_dir": tempfile.mkdtemp(prefix="mlsidecar-bench-"), "max_pending": 50_000_000},
         shutdown_timeout_s=5,
     )
 
@@ -336,7 +395,8 @@ class PhaseResult:
         return self.events_per_s / self.server_cpu if self.server_cpu > 0 else math.nan
 
 
-async def server_rows(channel: grpc.aio.Channel) -> int:
+async def server_rows(channel: grpc.aio.Channel, outcomes: bool = False) -> int:
+    """The agent's own count: prediction rows received, or outcomes joined."""
     call = channel.unary_unary(
         HEALTH,
         request_serializer=None,
@@ -348,33 +408,43 @@ async def server_rows(channel: grpc.aio.Channel) -> int:
         if error.code() == grpc.StatusCode.NOT_FOUND:  # the agent has not seen the model yet
             return 0
         raise
+    if outcomes:
+        outcomes_report = reply.report.fields.get("outcomes")
+        if outcomes_report is None or "joined" not in outcomes_report.struct_value:
+            return 0
+        return int(outcomes_report.struct_value["joined"])
     return int(reply.report["totals"]["rows"])
 
 
 async def drive(
     target: str,
-    raw: bytes,
+    source: Callable[[], bytes | None],
     *,
+    method: str = SUBMIT,
     concurrency: int,
     channels: int,
     warmup: float,
     seconds: float,
     cpu_of_server: Callable[[], float],
 ) -> tuple[int, int, float, float, float, int | None]:
-    """Keep ``concurrency`` calls in flight for warmup + seconds; count what was acknowledged."""
+    """Keep ``concurrency`` calls in flight for warmup + seconds; count what was acknowledged.
+
+    ``source`` gives each call's message, None when it has no more (the phase ends early).
+    """
+    outcomes = method == SUBMIT_OUTCOMES
     chans = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(channels)]
     try:
         for chan in chans:
             await asyncio.wait_for(chan.channel_ready(), 10)
         calls = [
             chan.unary_unary(
-                SUBMIT, request_serializer=None, response_deserializer=pb.SubmitResponse.FromString
+                method, request_serializer=None, response_deserializer=pb.SubmitResponse.FromString
             )
             for chan in chans
         ]
         before: int | None
         try:
-            before = await server_rows(chans[0])
+            before = await server_rows(chans[0], outcomes)
         except grpc.aio.AioRpcError:
             before = None
         counting = False
@@ -384,6 +454,9 @@ async def drive(
         async def worker(i: int) -> None:
             call = calls[i % len(calls)]
             while not stop:
+                raw = source()
+                if raw is None:
+                    return
                 reply = await call(raw, timeout=30)
                 if counting:
                     acked[0] += reply.accepted
@@ -393,14 +466,16 @@ async def drive(
         await asyncio.sleep(warmup)
         counting = True
         t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_of_server()
-        await asyncio.sleep(seconds)
+        running = asyncio.gather(*workers)
+        with contextlib.suppress(TimeoutError):  # or sooner, when the source runs dry
+            await asyncio.wait_for(asyncio.shield(running), seconds)
         counting = False
         elapsed = time.perf_counter() - t0
         client_cpu = (time.process_time() - c0) / elapsed
         server_cpu = (cpu_of_server() - s0) / elapsed
         stop = True
-        await asyncio.gather(*workers)
-        after = await server_rows(chans[0]) if before is not None else None
+        await running
+        after = await server_rows(chans[0], outcomes) if before is not None else None
         grown = None if before is None or after is None else after - before
         return acked[0], acked[1], elapsed, server_cpu, client_cpu, grown
     finally:
@@ -409,12 +484,17 @@ async def drive(
 
 
 def run_phase(
-    phase: str, server: Any, raw: bytes, rows: int, args: argparse.Namespace
+    phase: str,
+    server: Any,
+    source: Callable[[], bytes | None],
+    rows: int,
+    args: argparse.Namespace,
 ) -> PhaseResult:
     events, batches, elapsed, server_cpu, client_cpu, grown = asyncio.run(
         drive(
             server.target,
-            raw,
+            source,
+            method=SUBMIT_OUTCOMES if phase.endswith("outcomes") else SUBMIT,
             concurrency=args.concurrency,
             channels=args.channels,
             warmup=args.warmup,
@@ -467,6 +547,7 @@ def summarise(results: list[PhaseResult]) -> dict[str, Any]:
         summary["meets_target"] = agent.events_per_s >= TARGET_EVENTS_PER_S and (
             summary.get("ratio_columnar", 1.0) >= TARGET_RATIO
         )
+        summary["meets_store_target"] = agent.events_per_s >= TARGET_STORE_EVENTS_PER_S
     return summary
 
 
@@ -497,6 +578,12 @@ def report(runs: dict[str, list[PhaseResult]], args: argparse.Namespace) -> None
             f"target (agent columnar >= {_si(TARGET_EVENTS_PER_S)} events/s and >= "
             f"{TARGET_RATIO:.0%} of the ceiling): {'met' if summary['meets_target'] else 'NOT met'}"
         )
+        print(
+            f"target (agent columnar with the pending store >= {_si(TARGET_STORE_EVENTS_PER_S)} "
+            f"events/s): {'met' if summary['meets_store_target'] else 'NOT met'}"
+        )
+    if "agent_outcomes" in summary:
+        print(f"outcome joins through the agent: {_si(summary['agent_outcomes'])}/s")
     spreads: dict[str, float] = {}
     if args.repeat > 1:
         print(f"runs ({args.repeat} per phase, interleaved; the table shows the median run):")
@@ -580,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     messages = {
         "columnar": (columnar_batch(args.rows, args.features), args.rows),
         "rows": (row_batch(args.row_form_rows, args.features), args.row_form_rows),
-        "unary": (columnar_batch(1, args.features, seed=3), 1),
+        "unary": (columnar_batch(1, args.features, seed=3, form="u"), 1),
     }
     payload = {form: (m.SerializeToString(), n) for form, (m, n) in messages.items()}
     print(
@@ -591,6 +678,18 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {form:<9} {n:>6} rows x {args.features} features, {len(raw):>8} bytes per message"
         )
+    outcome_template = outcome_batch(args.rows).SerializeToString()
+    # One stamper per server and form, so each server sees every id once; agent-outcomes
+    # answers what agent-columnar has sent.
+    stampers: dict[str, IdStamper] = {}
+
+    def source(kind: str, form: str) -> tuple[Callable[[], bytes | None], int]:
+        if form == "outcomes":
+            predictions = stampers.setdefault(f"{kind}-columnar", IdStamper(payload["columnar"][0]))
+            outcomes = OutcomeSource(predictions, outcome_template)
+            return outcomes.next, args.rows
+        raw, n = payload[form]
+        return stampers.setdefault(f"{kind}-{form}", IdStamper(raw)).next, n
 
     servers: dict[str, Any] = {}
 
@@ -610,9 +709,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeat):
             for phase in args.phases:
                 kind, form = phase.split("-")
-                raw, n = payload[form]
+                next_message, n = source(kind, form)
                 result = run_phase(
-                    phase, server("bare" if kind == "ceiling" else kind), raw, n, args
+                    phase, server("bare" if kind == "ceiling" else kind), next_message, n, args
                 )
                 runs.setdefault(phase, []).append(result)
                 print(

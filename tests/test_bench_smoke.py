@@ -89,3 +89,26 @@ def test_upstream_bench_prints_proxy_overhead_throughput_and_the_breaker_case():
     assert summary["throughput_rps"]["proxy"] > 0
     # 64 x 100 ms through one closed breaker overlap: far from pybreaker's 6.4 s.
     assert summary["breaker_64x100ms"]["adapter_alone_ms"] < 1000
+
+
+def test_ingest_bench_sends_fresh_ids_and_joins_an_outcome_for_each_through_the_agent():
+    lines = run_bench(
+        "bench/ingest.py",
+        "--quick",
+        "--phases",
+        "agent-columnar,agent-outcomes",
+        "--rows",
+        "200",
+        "--features",
+        "5",
+    )
+    summary = json.loads(lines[-1])
+    phases = {p["phase"]: p for p in summary["phases"]}
+    # "verified": the agent's own count (rows received, outcomes joined) covers every ack;
+    # joins are only counted when each outcome finds its prediction pending, so the ids of
+    # every prediction batch were new.
+    assert phases["agent-columnar"]["verified"] is True
+    assert phases["agent-outcomes"]["verified"] is True
+    assert phases["agent-outcomes"]["events"] > 0
+    assert any(line.startswith("outcome joins through the agent:") for line in lines)
+    assert "meets_store_target" in summary
