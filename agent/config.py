@@ -188,6 +188,12 @@ HealthSignal = Literal["drift", "performance", "quality", "anomalies"]
 QualityRatio = Literal[
     "missing_ratio", "nonfinite_ratio", "out_of_range_ratio", "unseen_ratio", "type_mismatch_ratio"
 ]
+# The overall metrics of the performance report that a limit can judge (a misspelt one
+# would silently never be judged); tests/test_health.py checks them against the report.
+PerformanceMetric = Literal[
+    "accuracy", "precision_macro", "recall_macro", "f1_macro", "log_loss", "brier", "roc_auc",
+    "ece", "mae", "rmse", "mape", "r2", "bias",
+]  # fmt: skip
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -265,7 +271,7 @@ def _default_weights() -> dict[HealthSignal, float]:
     return {"drift": 30.0, "performance": 40.0, "quality": 20.0, "anomalies": 10.0}
 
 
-def _default_performance() -> dict[str, HealthLimit | None]:
+def _default_performance() -> dict[PerformanceMetric, HealthLimit | None]:
     return {
         "accuracy": HealthLimit(min=0.60, critical_min=0.50),
         "mape": HealthLimit(max=0.05, critical_max=0.20),
@@ -321,7 +327,9 @@ class HealthSettings(Section):
     weights: dict[HealthSignal, Weight] = Field(default_factory=_default_weights)
     drift: DriftHealth = Field(default_factory=DriftHealth)
     # Metric (as the performance report names it) → limit; metrics not listed are not judged.
-    performance: dict[str, HealthLimit | None] = Field(default_factory=_default_performance)
+    performance: dict[PerformanceMetric, HealthLimit | None] = Field(
+        default_factory=_default_performance
+    )
     # Quality ratio → limit, applied to every feature.
     quality: dict[QualityRatio, HealthLimit | None] = Field(default_factory=_default_quality)
     anomalies: AnomalyHealth = Field(default_factory=AnomalyHealth)
@@ -335,7 +343,9 @@ class HealthSettings(Section):
 
     @field_validator("performance")
     @classmethod
-    def _every_metric(cls, value: dict[str, HealthLimit | None]) -> dict[str, HealthLimit | None]:
+    def _every_metric(
+        cls, value: dict[PerformanceMetric, HealthLimit | None]
+    ) -> dict[PerformanceMetric, HealthLimit | None]:
         return {**_default_performance(), **value}
 
     @field_validator("quality")

@@ -354,3 +354,30 @@ def test_same_inputs_in_any_order_give_the_same_verdict(health_inputs):
 
 def rank(status: str) -> int:
     return ["healthy", "degraded", "critical"].index(status)
+
+
+def test_the_performance_metrics_a_limit_can_name_are_exactly_the_reports_numeric_ones():
+    """A health limit on a metric the report does not have would never be judged."""
+    import typing
+
+    import numpy as np
+
+    from agent.config import PerformanceMetric, Settings
+    from agent.engine.performance import ClassificationTally, RegressionTally
+
+    classification = ClassificationTally(positive_class="fraud")
+    classification.observe(
+        ["fraud", "ok", "ok"], ["fraud", "fraud", "ok"], scores=np.array([0.9, 0.6, 0.2])
+    )
+    regression = RegressionTally()
+    regression.observe(predicted=np.array([2.5, 4.0]), actual=np.array([3.0, 4.0]))
+    counts = {"count", "labelled", "scored", "nonfinite", "mape_excluded"}
+    judged = {
+        name
+        for tally in (classification, regression)
+        for name, value in tally.metrics().items()
+        if name not in counts and not name.endswith("_error_bound") and isinstance(value, float)
+    }
+    assert set(typing.get_args(PerformanceMetric)) == judged
+    with pytest.raises(ValueError, match=r"engine\.health\.performance\.acuracy"):
+        Settings.load(None, engine={"health": {"performance": {"acuracy": None}}})
