@@ -285,16 +285,24 @@ class Agent:
         self._events: asyncio.Task[None] | None = None
         self.alert_channels: dict[str, Channel] = {"log": LogChannel(self.health_event_log)}
         for name, channel in settings.alerts.channels.items():
+            # What waits to be sent survives a restart, next to the alerts' state.
+            outbox = settings.store.data_dir / "alert-outbox" / f"{name}.json"
             self.alert_channels[name] = (
                 AlertmanagerChannel(
                     name,
                     self.post_upstream,
                     channel.upstream,
                     interval_s=settings.alerts.interval_s,
+                    outbox_path=outbox,
                 )
                 if channel.type == "alertmanager"
                 else WebhookChannel(
-                    name, self.post_upstream, channel.upstream, channel.path, channel.format
+                    name,
+                    self.post_upstream,
+                    channel.upstream,
+                    channel.path,
+                    channel.format,
+                    outbox_path=outbox,
                 )
             )
 

@@ -864,6 +864,11 @@ class AlertSettings(Section):
     def _known_channels(self) -> AlertSettings:
         if "log" in self.channels:
             raise ValueError("channels.log: 'log' is the built-in channel; pick another name")
+        for name in self.channels:  # a channel's outbox is a file named after it
+            if not UPSTREAM_NAME_PATTERN.fullmatch(name):
+                raise ValueError(
+                    f"channels.{name}: use 1-64 letters, digits, '_' or '-' in a channel name"
+                )
         for name, rule in self.rules.items():
             for channel in rule.channels if rule else ():
                 if channel != "log" and channel not in self.channels:

@@ -502,3 +502,77 @@ def test_the_agent_alerts_when_the_model_process_is_not_running(tmp_path: Path):
         assert "model" not in down[0]["labels"]
     finally:
         harness.stop()
+
+
+def test_a_notification_waiting_when_the_agent_stops_is_sent_after_the_restart(tmp_path: Path):
+    with FlakyUpstream() as hook:
+        settings = agent_settings(
+            store={"data_dir": str(tmp_path)},
+            upstream={
+                "listen": "127.0.0.1:0",
+                "policies": {"once": {"retries": None}},
+                "targets": {"chat": {"url": f"{hook.url}/hooks", "policy": "once"}},
+            },
+            alerts={
+                "interval_s": 3600,
+                "default_rules": False,
+                "channels": {"chat": {"type": "webhook", "upstream": "chat"}},
+                "rules": {
+                    "many": {
+                        "signal": "totals.rows",
+                        "op": ">",
+                        "threshold": 10,
+                        "channels": ["chat"],
+                    }
+                },
+            },
+        )
+        outbox_file = tmp_path / "alert-outbox" / "chat.json"
+        hook.fail_next(1, status=503)  # the webhook is down for the first send
+        first = AgentHarness(settings).start()
+        try:
+            first.stub().SubmitPredictions(Traffic().batch(50))
+            assert first.run(first.agent.evaluate_alerts()) == 1
+            assert len(first.agent.alert_channels["chat"].outbox) == 1
+            assert json.loads(outbox_file.read_text())["notifications"][0]["status"] == "firing"
+        finally:
+            first.stop()
+
+        second = AgentHarness(settings).start()
+        try:
+            chat = second.agent.alert_channels["chat"]
+            assert len(chat.outbox) == 1  # read back from the file
+            second.run(chat.flush())
+            sent = json.loads(hook.requests[-1].body)
+            assert (sent["status"], sent["alert"]["rule"]) == ("firing", "many")
+            assert sent["alert"]["value"] == 50
+            assert chat.outbox == deque()
+            assert not outbox_file.exists()  # nothing waits: no file
+        finally:
+            second.stop()
+
+
+def test_an_unreadable_outbox_file_starts_empty_and_says_so(tmp_path: Path, caplog):
+    from agent.alerts.channels import WebhookChannel
+
+    path = tmp_path / "chat.json"
+    path.write_text("{not json")
+
+    async def post(upstream: str, where: str, payload: Any) -> int:
+        return 200
+
+    with caplog.at_level("WARNING"):
+        channel = WebhookChannel("chat", post, "chat", "", "json", outbox_path=path)
+    assert channel.outbox == deque()
+    assert "outbox" in caplog.text and str(path) in caplog.text
+
+
+def test_a_channel_name_must_be_usable_as_a_file_name():
+    from agent.cli import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"channels\.\.\./x: use 1-64 letters"):
+        load_settings(
+            None,
+            upstream={"targets": {"a": {"url": "http://127.0.0.1:9"}}},
+            alerts={"channels": {"../x": {"type": "webhook", "upstream": "a"}}},
+        )

@@ -9,19 +9,25 @@
 The HTTP channels send through the upstream layer (an ``upstream.targets`` entry, with its
 timeout, retries and circuit breaker), never straight out. A send that fails stays in
 the channel's outbox and is retried at the next evaluation; the outbox is bounded, and
-what falls out of it is logged.
+what falls out of it is logged. With a ``path`` the outbox is kept in a file whenever it
+changes, so notifications still waiting when the agent stops are sent after the restart.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
-from agent.alerts.manager import Notification
+from agent.alerts.manager import AlertInstance, Notification
 from agent.telemetry.events import HealthEvent, HealthEventLog
 
 log = logging.getLogger(__name__)
@@ -82,15 +88,30 @@ def _iso(unix_nano: int) -> str:
 
 
 class HttpChannel(ABC):
-    """A channel that POSTs JSON through an upstream target; failed sends are retried."""
+    """A channel that POSTs JSON through an upstream target; failed sends are retried.
 
-    def __init__(self, name: str, post: Post, upstream: str, path: str) -> None:
+    With ``outbox_path`` what waits is written there (atomically) whenever it changes and
+    read back at construction: a restart loses no notification.
+    """
+
+    def __init__(
+        self, name: str, post: Post, upstream: str, path: str, outbox_path: Path | None = None
+    ) -> None:
         self.name = name
         self._post = post
         self._upstream = upstream
         self._path = path
         self.outbox: deque[Notification] = deque()
         self.dropped = 0
+        self._outbox_path = outbox_path
+        if outbox_path is not None:
+            self.outbox.extend(_read_outbox(outbox_path, name))
+            if self.outbox:
+                log.info(
+                    "alert channel %s: %d notifications waiting from before the restart",
+                    name,
+                    len(self.outbox),
+                )
 
     @abstractmethod
     def payload(self, notification: Notification) -> Any:
@@ -102,10 +123,32 @@ class HttpChannel(ABC):
             self.dropped += 1
             log.error("alert channel %s: outbox full, the oldest notification dropped", self.name)
         self.outbox.append(notification)
+        self._keep()  # before sending: a crash mid-send must not lose it
         await self.flush()
 
     async def flush(self) -> None:
         """Send what waits, oldest first; stop at the first failure (retried next time)."""
+        waiting = len(self.outbox)
+        try:
+            await self._send_waiting()
+        finally:
+            if len(self.outbox) != waiting:
+                self._keep()
+
+    def _keep(self) -> None:
+        if self._outbox_path is None:
+            return
+        try:
+            _write_outbox(self._outbox_path, self.outbox)
+        except OSError as error:  # disk full, read-only: still sent, only not durable
+            log.error(
+                "alert channel %s: cannot keep the outbox in %s: %s",
+                self.name,
+                self._outbox_path,
+                error,
+            )
+
+    async def _send_waiting(self) -> None:
         while self.outbox:
             notification = self.outbox[0]
             try:
@@ -134,14 +177,57 @@ class HttpChannel(ABC):
             self.outbox.popleft()
 
 
+def _read_outbox(path: Path, name: str) -> list[Notification]:
+    try:
+        data = json.loads(path.read_text())
+        return [
+            Notification(
+                item["status"],
+                AlertInstance(**item["alert"]),
+                tuple(item["channels"]),
+                int(item["at_unix_nano"]),
+            )
+            for item in data["notifications"]
+        ]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("alert channel %s: outbox %s unreadable, starting empty: %s", name, path, error)
+        return []
+
+
+def _write_outbox(path: Path, outbox: deque[Notification]) -> None:
+    if not outbox:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".outbox-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"version": 1, "notifications": [asdict(n) for n in outbox]}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class AlertmanagerChannel(HttpChannel):
     """Prometheus Alertmanager's v2 API: a firing alert carries an ``endsAt`` a few
     evaluation intervals ahead, so it resolves by itself if the agent stops sending."""
 
     def __init__(
-        self, name: str, post: Post, upstream: str, *, interval_s: float, generator_url: str = ""
+        self,
+        name: str,
+        post: Post,
+        upstream: str,
+        *,
+        interval_s: float,
+        generator_url: str = "",
+        outbox_path: Path | None = None,
     ) -> None:
-        super().__init__(name, post, upstream, "api/v2/alerts")
+        super().__init__(name, post, upstream, "api/v2/alerts", outbox_path)
         self._hold_ns = int(max(interval_s * 4, 60) * 1e9)
         self._generator_url = generator_url
 
@@ -168,8 +254,16 @@ class WebhookChannel(HttpChannel):
     """A generic JSON webhook: the notification (``format: json``) or ``{"text": ...}``
     (``format: slack``, which Slack's incoming webhooks and many chat tools accept)."""
 
-    def __init__(self, name: str, post: Post, upstream: str, path: str, fmt: str) -> None:
-        super().__init__(name, post, upstream, path)
+    def __init__(
+        self,
+        name: str,
+        post: Post,
+        upstream: str,
+        path: str,
+        fmt: str,
+        outbox_path: Path | None = None,
+    ) -> None:
+        super().__init__(name, post, upstream, path, outbox_path)
         self._format = fmt
 
     def payload(self, notification: Notification) -> Any:
