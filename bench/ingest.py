@@ -235,8 +235,7 @@ def agent_settings() -> Any:
         api={"listen": "127.0.0.1:0", "prometheus": True},
         telemetry={"otlp": False},
         # References built during the run are written here, not into the working tree.
-        # Room for every prediction of a long run: outcomes must find them all pending.
-        store={"data_dir": tempfile.mkdtemp(prefix="mlsidecar-bench-"), "max_pending": 50_000_000},
+        store={"data_dir": tempfile.mkdtemp(prefix="mlsidecar-bench-")},
         shutdown_timeout_s=5,
     )
 
@@ -661,9 +660,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.serve:
+    if args.serve:  # bench/memory.py serves the agent this way, with the default max_pending
         serve_forever(args.serve)
         return
+    # Room for every prediction of a long run (outcomes must find them all pending); the
+    # agent's servers inherit it, in a subprocess or in this process.
+    os.environ.setdefault("MLSIDECAR_STORE__MAX_PENDING", "50000000")
     messages = {
         "columnar": (columnar_batch(args.rows, args.features), args.rows),
         "rows": (row_batch(args.row_form_rows, args.features), args.row_form_rows),
