@@ -325,6 +325,32 @@ def test_http_ingest_applies_the_same_static_limits(start_agent):
     assert [(m["model"], m["rows"], m["outcomes"]) for m in models(harness)] == [("m", 1, 0)]
 
 
+def test_an_oversized_body_is_refused_before_it_is_read_whole(start_agent):
+    """By its Content-Length before reading; a chunked body (no length) once the bytes read
+    pass the limit. Either way the message names the limit and the batch counts as refused."""
+    harness = start_agent(ingest={"max_message_bytes": 64 * 1024})
+    url = f"{harness.api_url}/v1/predictions"
+    declared = httpx.post(url, content=b"{" + b" " * (200 * 1024) + b"}", timeout=10)
+    assert declared.status_code == 400
+    assert declared.json()["error"]["reason"] == "message_too_large"
+    assert f"message is {200 * 1024 + 2} bytes" in declared.json()["error"]["message"]
+
+    def chunks():
+        yield b'{"model": "m", "ids": ["a"], "labels": ["'
+        for _ in range(16):  # 16 x 16 KiB: over the limit after the fourth
+            yield b"x" * 16 * 1024
+        yield b'"]}'
+
+    chunked = httpx.post(url, content=chunks(), timeout=10)
+    assert chunked.status_code == 400
+    assert chunked.json()["error"]["reason"] == "message_too_large"
+    assert "over ingest.max_message_bytes=65536" in chunked.json()["error"]["message"]
+    # The agent stopped reading past the limit: its count is of what it had read, not all.
+    reported = int(chunked.json()["error"]["message"].split()[2])
+    assert 64 * 1024 < reported < 16 * 16 * 1024
+    assert post(harness, "/v1/predictions", {"model": "m", "ids": ["a"]}).status_code == 200
+
+
 # --- health, readiness, draining ---------------------------------------------------------
 
 

@@ -44,6 +44,22 @@ HTTP_STATUS = {RejectCode.INVALID: 400, RejectCode.BUSY: 429, RejectCode.UNAVAIL
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
+async def read_bounded(request: Request, limit: int, refuse: Callable[[int], None]) -> bytes:
+    """The request body, or ``refuse(size)`` (which raises) as soon as it is over ``limit``:
+    by its Content-Length before reading, else while streaming; never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        refuse(int(declared))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            refuse(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -203,16 +219,25 @@ def build_app(
         if reference_uploads is None:
             return _error(501, "UNIMPLEMENTED", "no_reference_store", "references are not enabled")
         try:
-            uploaded = await reference_uploads.put(model, version, await request.body())
+            body = await read_bounded(
+                request,
+                reference_uploads.max_bytes,
+                lambda size: reference_uploads.check_size(size, "body"),
+            )
+            uploaded = await reference_uploads.put(model, version, body)
         except ReferenceRejected as error:
             return _error(400, "INVALID_ARGUMENT", error.reason, error.message)
         return JSONResponse(uploaded.to_dict())
 
     async def ingest(request: Request, message_type: type[Message], accept: Any) -> JSONResponse:
         method = "http:" + request.url.path
-        body = await request.body()
         try:
-            receiver.admit(len(body), method)
+            body = await read_bounded(
+                request,
+                receiver.max_message_bytes,
+                lambda size: receiver.admit(size, method),
+            )
+            receiver.admit(len(body), method)  # also refuses while draining
             try:
                 if not body.strip():
                     raise ValueError("the body is empty; send a JSON object")

@@ -137,6 +137,10 @@ class EventReceiver:
             ],
         )
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self._limits.max_message_bytes
+
     def admit(self, size: int, method: str) -> None:
         """Refuse a message before parsing it: while draining, or when it is too large."""
         try:
