@@ -1,0 +1,259 @@
+"""Buffered events and their packing into columnar ``PredictionBatch`` / ``OutcomeBatch``.
+
+A logged event is a plain tuple (cheap to build on the caller's thread); the sender
+packs a list of them into batches, one per (model, version, attributes, class names):
+
+    for key, rows in group_predictions(events, class_names=None):
+        batch = yield from build_prediction_batch(key, rows)
+    first, second = split(batch)                      # when the agent says "split the batch"
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
+
+NAN = math.nan
+PREDICTIONS = "predictions"
+OUTCOMES = "outcomes"
+
+
+class Prediction(NamedTuple):
+    """One ``log_prediction`` call, as buffered (features as given, ids as ints)."""
+
+    id: str
+    features: Mapping[str, Any] | None
+    score: float | None
+    label: str | None
+    probabilities: Mapping[str, float] | Sequence[float] | None
+    latency_ms: float | None
+    model: str
+    model_version: str
+    attributes: Mapping[str, str] | None
+    trace_id: int
+    span_id: int
+    time_ns: int
+
+
+class Outcome(NamedTuple):
+    """One ``log_outcome`` call, as buffered."""
+
+    id: str
+    value: float | None
+    label: str | None
+    model: str
+    model_version: str
+    time_ns: int
+
+
+class Chunk(NamedTuple):
+    """A batch built by ``log_predictions`` / ``log_outcomes`` (without its batch_id)."""
+
+    kind: str
+    rows: int
+    batch: Any  # pb.PredictionBatch | pb.OutcomeBatch
+
+
+Event = Prediction | Outcome | Chunk
+
+
+def trace_bytes(trace_id: int, span_id: int) -> tuple[bytes, bytes]:
+    if not trace_id:
+        return b"", b""
+    return trace_id.to_bytes(16, "big"), span_id.to_bytes(8, "big")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int: True/False go as 1/0, as numpy booleans do in the batch form
+    return isinstance(value, int | float | np.number | np.bool_)
+
+
+# The types a feature value usually has; checked per column by type, not per value.
+NUMERIC_TYPES = frozenset(
+    {float, int, bool, type(None), np.float64, np.float32, np.int64, np.int32, np.bool_}
+)
+
+
+def feature_column(name: str, values: list[Any]) -> Any:
+    """One ``pb.Column``: numbers when every present value is a number, else categories.
+
+    Missing values (absent or None) are NaN or "" as the wire contract says.
+    """
+    types = set(map(type, values))
+    if types <= NUMERIC_TYPES or all(v is None or _is_number(v) for v in values):
+        # numpy turns None into NaN and converts the column in C
+        numbers = np.array(values, dtype=np.float64)
+        return pb.Column(name=name, numbers=pb.NumberValues(values=numbers))
+    return pb.Column(
+        name=name,
+        categories=pb.CategoryValues(values=["" if v is None else str(v) for v in values]),
+    )
+
+
+def _prediction_group_key(event: Prediction, default_classes: tuple[str, ...] | None) -> tuple:
+    attributes = tuple(sorted(event.attributes.items())) if event.attributes else ()
+    probabilities = event.probabilities
+    if probabilities is None:
+        classes: tuple[str, ...] | None = None
+    elif isinstance(probabilities, Mapping):
+        classes = tuple(str(name) for name in probabilities)
+    else:
+        classes = default_classes
+    return (event.model, event.model_version, attributes, classes)
+
+
+def group_predictions(
+    events: list[Prediction], class_names: Sequence[str] | None
+) -> list[tuple[tuple, list[Prediction]]]:
+    """``events`` by (model, version, attributes, class names): one batch each."""
+    default_classes = tuple(class_names) if class_names else None
+    return unique_id_groups(events, lambda event: _prediction_group_key(event, default_classes))
+
+
+def unique_id_groups(events: list[Any], key_of: Callable[[Any], tuple]) -> list[tuple[tuple, list]]:
+    """``events`` grouped by ``key_of``, in order, with ids unique within each group.
+
+    The agent refuses a whole batch that repeats an id, so an id logged twice before a
+    send goes to a second batch of the same key instead of costing its neighbours.
+    """
+    groups: dict[tuple[tuple, int], tuple[list[Any], set[str]]] = {}
+    for event in events:
+        key, generation = key_of(event), 0
+        while True:
+            entry = groups.get((key, generation))
+            if entry is None:
+                groups[(key, generation)] = ([event], {event.id})
+                break
+            rows, ids = entry
+            if event.id not in ids:
+                rows.append(event)
+                ids.add(event.id)
+                break
+            generation += 1
+    return [(key, rows) for (key, _), (rows, _) in groups.items()]
+
+
+def build_prediction_batch(key: tuple, rows: list[Prediction]) -> Generator[None, None, Any]:
+    """A columnar ``pb.PredictionBatch`` of ``rows``; yields between columns.
+
+    The sender runs it in slices (``yield``) so that it never holds the GIL (or the
+    event loop) for long: a model service's threads keep their latency.
+    """
+    model, version, attributes, classes = key
+    names: dict[str, None] = {}
+    for i, row in enumerate(rows, 1):
+        # rows nearly always share their feature names: a C-level subset check, no copy
+        if row.features and not row.features.keys() <= names.keys():
+            names.update(dict.fromkeys(row.features))
+        if i % 128 == 0:
+            yield
+    yield
+    batch = pb.PredictionBatch(
+        model=model,
+        model_version=version,
+        ids=[row.id for row in rows],
+        timestamps_unix_nano=[row.time_ns for row in rows],
+        attributes=dict(attributes),
+    )
+    yield
+    for name in names:
+        values = [row.features.get(name) if row.features else None for row in rows]
+        batch.features.append(feature_column(name, values))
+        yield
+    if any(row.score is not None for row in rows):
+        batch.scores.extend([NAN if row.score is None else row.score for row in rows])
+    if any(row.label is not None for row in rows):
+        batch.labels.extend(["" if row.label is None else row.label for row in rows])
+    if any(row.latency_ms is not None for row in rows):
+        batch.latencies_ms.extend(
+            [NAN if row.latency_ms is None else row.latency_ms for row in rows]
+        )
+    yield
+    if classes:
+        batch.class_names.extend(classes)
+        width = len(classes)
+        flat: list[float] = []
+        for row in rows:
+            p = row.probabilities
+            if p is None:
+                flat.extend([NAN] * width)
+            elif isinstance(p, Mapping):
+                flat.extend(float(p.get(name, NAN)) for name in classes)
+            else:
+                flat.extend(float(v) for v in p)
+        batch.probabilities.extend(flat)
+        yield
+    if any(row.trace_id for row in rows):
+        pairs = [trace_bytes(row.trace_id, row.span_id) for row in rows]
+        batch.trace_ids.extend([t for t, _ in pairs])
+        batch.span_ids.extend([s for _, s in pairs])
+    return batch
+
+
+def pack_outcomes(events: list[Outcome]) -> Iterator[tuple[int, Any]]:
+    """Columnar outcome batches, one per model, version and kind (values or labels)."""
+    groups = unique_id_groups(
+        events, lambda event: (event.model, event.model_version, event.label is not None)
+    )
+    for (model, version, by_label), rows in groups:
+        batch = pb.OutcomeBatch(
+            model=model,
+            model_version=version,
+            ids=[row.id for row in rows],
+            timestamps_unix_nano=[row.time_ns for row in rows],
+        )
+        if by_label:
+            batch.actual_labels.extend([row.label or "" for row in rows])
+        else:
+            batch.actual_values.extend([NAN if row.value is None else row.value for row in rows])
+        yield len(rows), batch
+
+
+def rows_of(batch: Any) -> int:
+    return len(batch.ids)
+
+
+def split(batch: Any) -> tuple[Any, Any]:
+    """Two halves of a columnar batch (predictions or outcomes), every column cut alike."""
+    n = len(batch.ids)
+    half = n // 2
+    first, second = type(batch)(), type(batch)()
+    for part, lo, hi in ((first, 0, half), (second, half, n)):
+        part.model = batch.model
+        part.model_version = batch.model_version
+        part.ids.extend(batch.ids[lo:hi])
+        if batch.timestamps_unix_nano:
+            part.timestamps_unix_nano.extend(batch.timestamps_unix_nano[lo:hi])
+        if isinstance(batch, pb.OutcomeBatch):
+            if batch.actual_labels:
+                part.actual_labels.extend(batch.actual_labels[lo:hi])
+            else:
+                part.actual_values.extend(batch.actual_values[lo:hi])
+            continue
+        for column in batch.features:
+            if column.HasField("numbers"):
+                part.features.add(
+                    name=column.name,
+                    numbers=pb.NumberValues(values=column.numbers.values[lo:hi]),
+                )
+            else:
+                part.features.add(
+                    name=column.name,
+                    categories=pb.CategoryValues(values=column.categories.values[lo:hi]),
+                )
+        for field in ("scores", "labels", "latencies_ms", "trace_ids", "span_ids"):
+            values = getattr(batch, field)
+            if values:
+                getattr(part, field).extend(values[lo:hi])
+        if batch.class_names:
+            width = len(batch.class_names)
+            part.class_names.extend(batch.class_names)
+            part.probabilities.extend(batch.probabilities[lo * width : hi * width])
+        part.attributes.update(batch.attributes)
+        part.sample_rate = batch.sample_rate
+    return first, second

@@ -1,0 +1,191 @@
+"""``SidecarClient``: the SDK for threaded model services (Flask, Django, plain scripts).
+
+client = SidecarClient("127.0.0.1:4320", model="fraud", model_version="v1")
+client.log_prediction(request_id, {"amount": 42.0}, score=0.12)
+client.log_outcome(request_id, label="legit")             # later, when the truth is known
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import threading
+import time
+import weakref
+from typing import Any
+
+import grpc
+
+from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
+from agent.client._batches import PREDICTIONS
+from agent.client._core import ClientCore, log
+from agent.client._delivery import Failure, Send, Sleep
+
+# Reconnect quickly after the agent comes back (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def _close_at_exit(ref: weakref.ref[SidecarClient], timeout: float) -> None:
+    client = ref()
+    if client is not None:
+        client.close(timeout)
+
+
+class SidecarClient(ClientCore):
+    """Sends predictions and outcomes to an mlsidecar agent from a background thread.
+
+    with SidecarClient("127.0.0.1:4320", model="fraud", model_version="v1") as client:
+        client.log_prediction("req-1", {"amount": 42.0, "merchant": "fuel"}, score=0.12)
+    # leaving the block flushes (up to close_timeout_s) and stops the thread
+
+    Calls never block on the network and never raise because the agent is down, slow or
+    refusing: events wait in a bounded buffer (``max_buffer`` rows, oldest dropped first)
+    and every event not delivered is counted in ``stats().dropped`` by reason.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:4320",
+        model: str = "",
+        model_version: str = "",
+        *,
+        close_timeout_s: float = 5.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(target, model, model_version, **options)
+        self.close_timeout_s = close_timeout_s
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(target, self._credentials, CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
+        stub = pb_grpc.IngestStub(self._channel)
+        self._submit = {PREDICTIONS: stub.SubmitPredictions, "outcomes": stub.SubmitOutcomes}
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._flush_waiters = 0
+        self._busy = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"mlsidecar-client:{model}", daemon=True
+        )
+        self._thread.start()
+        # A hook of its own (unregister() removes every registration of a function).
+        self._atexit = functools.partial(_close_at_exit, weakref.ref(self), close_timeout_s)
+        atexit.register(self._atexit)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Send everything buffered so far; True when nothing is left, False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            self._flush_waiters += 1
+            try:
+                self._wakeup.set()
+                while self._buffer.rows or self._busy:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._thread.is_alive():
+                        return False
+                    if self._delivery.breaker_wait_s() > remaining:
+                        return False  # the breaker stays open past the deadline: no hope
+                    self._idle.wait(min(remaining, 0.05))
+                return True
+            finally:
+                self._flush_waiters -= 1
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush for up to ``timeout`` s (``close_timeout_s``), then stop; rows left are dropped."""
+        if self._closed:
+            return
+        timeout = self.close_timeout_s if timeout is None else timeout
+        flushed = self.flush(timeout)
+        self._closed = True
+        # Whatever is still pending is given up: counted as dropped ("closed"), not awaited.
+        self._delivery.abandon = True
+        self._stopping.set()
+        self._wakeup.set()
+        self._thread.join(max(1.0, self.send_timeout_s + 1.0))
+        left = self._buffer.drain_all()
+        if left:
+            self._counters.drop(left, "closed", "the client closed before the agent took them")
+        self._channel.close()
+        atexit.unregister(self._atexit)
+        if not flushed:
+            log.warning(
+                "mlsidecar client: closed with events undelivered (agent unreachable or "
+                "timeout %.1f s); counted in stats().dropped",
+                timeout,
+            )
+
+    def __enter__(self) -> SidecarClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the sender thread --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        next_flush = time.monotonic() + self.flush_interval_s
+        while not self._stopping.is_set():
+            rows = self._buffer.rows
+            now = time.monotonic()
+            if now >= next_flush:
+                # The timer sends what is queued now, once: under steady traffic, draining
+                # "until empty" would send a trickle of tiny batches instead of full ones.
+                next_flush = now + self.flush_interval_s
+                due = True
+            else:
+                due = self._flush_waiters > 0
+            if rows >= self.batch_rows or (rows and due):
+                self._busy = True
+                try:
+                    self._drive(self._cycle())
+                except Exception:  # the sender must outlive any bug in one batch
+                    log.exception("mlsidecar client: sender error; batch dropped")
+                finally:
+                    self._busy = False
+                continue
+            with self._idle:
+                self._idle.notify_all()
+            self._wakeup.wait(max(0.0, next_flush - time.monotonic()))
+            self._wakeup.clear()
+        with self._idle:
+            self._idle.notify_all()
+
+    def _drive(self, plan: Any) -> None:
+        """Run a cycle's ops: packing slices, sends, sleeps."""
+        answer: Any = None
+        try:
+            while True:
+                op = plan.send(answer)
+                if op is None:
+                    time.sleep(0)  # let the model's threads take the GIL between slices
+                    answer = None
+                elif isinstance(op, Send):
+                    answer = self._send(op)
+                elif isinstance(op, Sleep):
+                    self._stopping.wait(op.seconds)
+                    answer = None
+        except StopIteration:
+            pass
+
+    def _send(self, op: Send) -> Any:
+        try:
+            return self._submit[op.kind](
+                op.batch, timeout=self.send_timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+            details = error.details() if hasattr(error, "details") else str(error)
+            return Failure(code, details or "")
+        except ValueError as error:  # e.g. the channel was closed under us
+            return Failure(grpc.StatusCode.CANCELLED, str(error))
