@@ -1,8 +1,8 @@
-"""Synthetic model traffic for ``mlsidecar demo``: a fraud-scoring model that talks gRPC.
+"""Raw synthetic load straight to the agent's gRPC ingest (no model service, no SDK).
 
-It goes through the real ingest path (a gRPC channel to the agent), as a model
-service would, sending columnar prediction batches and, a little later, the
-outcomes of a share of them.
+For tests and benchmarks that want many rows quickly: columnar prediction batches and,
+a few batches later, the outcomes of a share of them. ``mlsidecar demo`` uses the model
+service and the SDK instead (traffic.py).
 
     traffic = SyntheticTraffic("127.0.0.1:4320", rate=500)
     await traffic.run(stop_event)          # until stop_event is set
@@ -23,11 +23,10 @@ import numpy as np
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
+from agent.demo.world import MODEL, VERSION
 
 log = logging.getLogger(__name__)
 
-MODEL = "fraud-scorer"
-VERSION = "v1"
 REGIONS = np.array(["eu", "us", "apac"])
 MERCHANTS = np.array(["grocery", "travel", "electronics", "fuel", "online"])
 # Outcomes (chargebacks) arrive this many batches after their predictions.

@@ -1,0 +1,229 @@
+"""The demo model service's request latency with and without the SDK. Prints figures.
+
+    .venv/bin/python bench/demo_latency.py             # ~1 min
+    .venv/bin/python bench/demo_latency.py --quick     # ~15 s, a smoke check
+
+Three processes besides this one: a real agent (`mlsidecar run`) and two demo model
+services (`mlsidecar demo-model`), one logging every prediction through the SDK to the
+agent, one started with --no-sdk. Both compute their features locally (no feature store),
+so the only difference is the SDK. This process sends POST /predict requests of --rows
+transactions, one at a time, in rounds that alternate A B B A ... (interleaved, same run),
+and prints p50/p99 per mode, the difference, and the run-to-run spread: the spread of the
+per-round p50s within one mode. Target (issue 5): difference < 5 % and within the spread.
+The last line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MLSIDECAR = str(Path(sys.executable).parent / "mlsidecar")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [MLSIDECAR, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"nothing answered at {url} within {timeout:g}s")
+
+
+def payload(rng: np.random.Generator, rows: int, counter: list[int]) -> dict[str, Any]:
+    instances = []
+    for _ in range(rows):
+        counter[0] += 1
+        instances.append(
+            {
+                "id": f"b-{counter[0]}",
+                "amount": float(rng.lognormal(3.5, 0.8)),
+                "hour": int(rng.integers(0, 24)),
+                "merchant": ["grocery", "travel", "electronics", "fuel", "online"][
+                    int(rng.integers(0, 5))
+                ],
+                "user_id": int(rng.integers(0, 5000)),
+            }
+        )
+    return {"instances": instances}
+
+
+def round_latencies(
+    client: httpx.Client, url: str, requests: int, rows: int, rng: np.random.Generator,
+    counter: list[int],
+) -> np.ndarray:  # fmt: skip
+    out = np.empty(requests)
+    bodies = [payload(rng, rows, counter) for _ in range(requests)]
+    for i, body in enumerate(bodies):
+        started = time.perf_counter()
+        response = client.post(url, json=body)
+        out[i] = (time.perf_counter() - started) * 1000.0
+        if response.status_code != 200:
+            raise SystemExit(f"{url}: {response.status_code} {response.text[:200]}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per mode (default 8)")
+    parser.add_argument("--requests", type=int, default=300, help="requests per round")
+    parser.add_argument("--rows", type=int, default=20, help="transactions per request")
+    parser.add_argument("--warmup", type=int, default=200, help="requests before measuring")
+    parser.add_argument("--quick", action="store_true", help="4 rounds of 100 requests")
+    parser.add_argument(
+        "--feature-store",
+        action="store_true",
+        help="fetch features from the demo feature store through the agent's egress proxy, "
+        "as in `mlsidecar demo` (default: computed locally, the SDK is the only extra work)",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.requests, args.warmup = 4, 100, 50
+
+    data_dir = tempfile.mkdtemp(prefix="mlsidecar-bench-demo-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MLSIDECAR_"))}
+    env.update(MLSIDECAR_STORE__DATA_DIR=data_dir, MLSIDECAR_TELEMETRY__OTLP="false")
+    env["MLSIDECAR_LOGGING__LEVEL"] = "WARNING"
+    ingest, api = free_port(), free_port()
+    ports = {"sdk": free_port(), "no-sdk": free_port()}
+    procs: list[subprocess.Popen[str]] = []
+    agent_args = [
+        "run",
+        "--ingest-listen",
+        f"127.0.0.1:{ingest}",
+        "--api-listen",
+        f"127.0.0.1:{api}",
+    ]
+    store_url: str | None = None
+    if args.feature_store:  # as in `mlsidecar demo`: the store behind the agent's egress proxy
+        store_port, proxy_port = free_port(), free_port()
+        procs.append(start(["demo-feature-store", "--listen", f"127.0.0.1:{store_port}"], env))
+        config = Path(data_dir) / "agent.yaml"
+        config.write_text(
+            json.dumps(
+                {"upstream": {"listen": f"127.0.0.1:{proxy_port}",
+                              "targets": {"features": {"url": f"http://127.0.0.1:{store_port}"}}}}
+            )
+        )  # fmt: skip
+        agent_args += ["--config", str(config)]
+        store_url = f"http://127.0.0.1:{proxy_port}/upstream/features"
+        wait_http(f"http://127.0.0.1:{store_port}/admin/status")
+    procs.append(start(agent_args, env))
+    wait_http(f"http://127.0.0.1:{api}/readyz")
+    for mode, port in ports.items():
+        model_args = [
+            "demo-model",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--sidecar",
+            f"127.0.0.1:{ingest}",
+        ]
+        if store_url is not None:
+            model_args += ["--feature-store-url", store_url]
+        procs.append(start(model_args + (["--no-sdk"] if mode == "no-sdk" else []), env))
+    try:
+        for port in ports.values():
+            wait_http(f"http://127.0.0.1:{port}/healthz")
+        rng = np.random.default_rng(5)
+        counter = [0]
+        samples: dict[str, list[np.ndarray]] = {"sdk": [], "no-sdk": []}
+        with httpx.Client(timeout=10.0, trust_env=False) as client:
+            for port in ports.values():  # warm both (imports, caches, connection pools)
+                round_latencies(client, f"http://127.0.0.1:{port}/predict", args.warmup,
+                                args.rows, rng, counter)  # fmt: skip
+            order = ["sdk", "no-sdk", "no-sdk", "sdk"]  # ABBA: drift in load hits both alike
+            for r in range(args.rounds * 2):
+                mode = order[r % 4]
+                url = f"http://127.0.0.1:{ports[mode]}/predict"
+                samples[mode].append(
+                    round_latencies(client, url, args.requests, args.rows, rng, counter)
+                )
+        time.sleep(1.5)  # let the SDK's last batch reach the agent
+        stats = httpx.get(f"http://127.0.0.1:{ports['sdk']}/stats").json()
+        report = httpx.get(f"http://127.0.0.1:{api}/v1/models/fraud-scorer/health").json()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+    summary: dict[str, Any] = {"rows_per_request": args.rows, "requests_per_round": args.requests}
+    summary["features"] = "feature store via the egress proxy" if store_url else "local"
+    print(f"demo model service (features: {summary['features']}), POST /predict of {args.rows} transactions, one at a time; "
+          f"{args.rounds} rounds x {args.requests} requests per mode, interleaved ABBA")  # fmt: skip
+    print(f"{'mode':<8} {'p50 ms':>8} {'p99 ms':>8} {'round p50 min..max':>20} {'spread':>8}")
+    for mode, rounds in samples.items():
+        everything = np.concatenate(rounds)
+        p50s = np.array([np.percentile(r, 50) for r in rounds])
+        spread = (p50s.max() - p50s.min()) / np.median(p50s) * 100
+        summary[mode] = {
+            "p50_ms": round(float(np.percentile(everything, 50)), 3),
+            "p99_ms": round(float(np.percentile(everything, 99)), 3),
+            "round_p50_min_ms": round(float(p50s.min()), 3),
+            "round_p50_max_ms": round(float(p50s.max()), 3),
+            "spread_pct": round(float(spread), 1),
+        }
+        s = summary[mode]
+        print(f"{mode:<8} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} "
+              f"{s['round_p50_min_ms']:9.3f}..{s['round_p50_max_ms']:<9.3f} "
+              f"{s['spread_pct']:7.1f}%")  # fmt: skip
+    diff50 = (summary["sdk"]["p50_ms"] / summary["no-sdk"]["p50_ms"] - 1) * 100
+    diff99 = (summary["sdk"]["p99_ms"] / summary["no-sdk"]["p99_ms"] - 1) * 100
+    spread = max(summary["sdk"]["spread_pct"], summary["no-sdk"]["spread_pct"])
+    summary.update(
+        diff_p50_pct=round(diff50, 1),
+        diff_p99_pct=round(diff99, 1),
+        within_spread=abs(diff50) <= spread,
+        meets_target=abs(diff50) < 5 and abs(diff50) <= spread,
+        sdk_sent_predictions=stats["sdk"]["sent_predictions"],
+        sdk_dropped=stats["sdk"]["dropped"],
+        agent_rows=report["totals"]["rows"],
+        cpus=os.cpu_count(),
+        load_1m=round(os.getloadavg()[0], 2),
+        python=platform.python_version(),
+    )
+    print(f"SDK - no SDK: p50 {diff50:+.1f} %, p99 {diff99:+.1f} %; run-to-run spread of "
+          f"round p50s up to {spread:.1f} % -> "
+          f"{'within' if summary['within_spread'] else 'OUTSIDE'} the spread; target "
+          f"(< 5 % and within the spread) {'met' if summary['meets_target'] else 'NOT met'}")  # fmt: skip
+    print(f"the SDK sent {summary['sdk_sent_predictions']} predictions (dropped: "
+          f"{summary['sdk_dropped'] or 'none'}); the agent counted {summary['agent_rows']}; "
+          f"load average {summary['load_1m']} on {summary['cpus']} CPUs")  # fmt: skip
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
