@@ -244,10 +244,12 @@ class ResourceMonitor:
             unit="s",
             description="CPU seconds used by the process, by cpu.mode (user, system).",
         )
+        # Ratios carry no unit rather than the conventions' "1": a Collector would add
+        # `_ratio` to a unit-"1" gauge and /metrics would not (docs/metrics.md#names-end-to-end).
         meter.create_observable_gauge(
             "process.cpu.utilization",
             callbacks=[self._observe_cpu_utilization],
-            unit="1",
+            unit="",
             description="CPU time used since the previous collection per elapsed second, divided by the CPUs available.",
         )
         for name, unit, description, value in (
@@ -309,7 +311,7 @@ class ResourceMonitor:
             meter.create_observable_gauge(
                 "system.filesystem.utilization",
                 callbacks=[self._observe_filesystem_utilization],
-                unit="1",
+                unit="",
                 description="Share of the filesystem's space in use.",
             )
         if self.settings.host and hasattr(os, "getloadavg"):
@@ -359,7 +361,7 @@ class ResourceMonitor:
         meter.create_observable_gauge(
             "mlsidecar.model.process.up",
             callbacks=[lambda options: [Observation(1 if self.sample().model else 0)]],
-            unit="1",
+            unit="",
             description="1 while the model service's process is found and readable, else 0.",
         )
         meter.create_observable_counter(
@@ -379,7 +381,7 @@ class ResourceMonitor:
             meter.create_observable_gauge(
                 "mlsidecar.model.cpu.limit_utilization",
                 callbacks=[self._observe_model_cpu_ratio],
-                unit="1",
+                unit="",
                 description="CPU cores the model process uses divided by its container's CPU limit.",
             )
         if limits.memory_limit_bytes is not None:
@@ -393,7 +395,7 @@ class ResourceMonitor:
             meter.create_observable_gauge(
                 "mlsidecar.model.memory.limit_utilization",
                 callbacks=[self._observe_model_memory_ratio],
-                unit="1",
+                unit="",
                 description="Resident memory of the model process divided by its container's memory limit.",
             )
 
@@ -444,7 +446,7 @@ class ResourceMonitor:
             (
                 "gauge",
                 "mlsidecar.container.memory.limit_utilization",
-                "1",
+                "",
                 "memory.current / memory.max of the sidecar's container.",
                 lambda c, s: c.memory_utilization,
             ),
@@ -472,7 +474,7 @@ class ResourceMonitor:
             (
                 "gauge",
                 "mlsidecar.container.cpu.limit_utilization",
-                "1",
+                "",
                 "container.cpu.usage / the CPU limit of the sidecar's container.",
                 lambda c, s: _ratio(s.cgroup_cores, c.cpu_limit_cores),
             ),
@@ -555,7 +557,7 @@ class ResourceMonitor:
         meter.create_observable_gauge(
             "hw.gpu.utilization",
             callbacks=[observe(lambda g: g.utilization)],
-            unit="1",
+            unit="",
             description="Share of time a GPU kernel was running (NVML).",
         )
         meter.create_observable_up_down_counter(
@@ -573,7 +575,7 @@ class ResourceMonitor:
         meter.create_observable_gauge(
             "hw.gpu.memory.utilization",
             callbacks=[observe(lambda g: _ratio(g.memory_used, g.memory_total))],
-            unit="1",
+            unit="",
             description="Share of GPU memory in use (NVML).",
         )
         meter.create_observable_gauge(

@@ -56,29 +56,32 @@ CLASSES = ("ml.prediction.classes", "{prediction}", "Predictions per predicted c
 DURATION = ("ml.prediction.duration", "s", "Model prediction latency reported by the service.")
 SCORE = ("ml.prediction.score", "{score}", "Distribution of prediction scores / regression values.")
 # Gauges of the latest evaluation (the live window once complete, else the last closed one).
+# Dimensionless gauges carry no unit (not "1"): a Collector's Prometheus translation adds
+# `_ratio` to unit-"1" gauges and the agent's /metrics does not, and the names must match
+# (docs/metrics.md#names-end-to-end, tests/test_metric_name_parity.py).
 FEATURE_PSI = (
     "ml.feature.drift.psi",
-    "1",
+    "",
     "Population stability index of a feature against the reference.",
 )
 FEATURE_DRIFT = (
     "ml.feature.drift.score",
-    "1",
+    "",
     "Drift score of a feature by its decision method (ml.drift.method).",
 )
 FEATURE_DRIFTED = (
     "ml.feature.drifted",
-    "1",
+    "",
     "1 when the feature's drift method says it drifted, else 0.",
 )
 FEATURE_MISSING = (
     "ml.feature.missing.ratio",
-    "1",
+    "",
     "Share of a feature's values missing in the evaluated window.",
 )
 # The other quality ratios of the evaluated window, as ``ml.feature.missing.ratio``.
 QUALITY_RATIOS = {
-    check: (f"ml.feature.{check}.ratio", "1", f"Share of a feature's values {meaning}.")
+    check: (f"ml.feature.{check}.ratio", "", f"Share of a feature's values {meaning}.")
     for check, meaning in (
         ("nonfinite", "that are ±inf in the evaluated window"),
         ("out_of_range", "outside the reference's [min, max] in the evaluated window"),
@@ -88,20 +91,20 @@ QUALITY_RATIOS = {
 }
 DATASET_DRIFT = (
     "ml.dataset.drift.share",
-    "1",
+    "",
     "Share of features that drifted in the evaluated window.",
 )
 PREDICTION_PSI = (
     "ml.prediction.drift.psi",
-    "1",
+    "",
     "Population stability index of the scores against the reference.",
 )
 PERFORMANCE = (
     "ml.model.performance",
-    "1",
+    "",
     "Model performance on joined outcomes, by metric (ml.metric).",
 )
-HEALTH = ("ml.model.health.score", "1", "Model health score, 0-100.")
+HEALTH = ("ml.model.health.score", "", "Model health score, 0-100.")
 # Counters of live values per psi bin since the reference was set, and the reference's own
 # proportions per bin: fleet-wide PSI in PromQL across replicas sharing a reference id.
 JOINED = ("ml.outcomes.joined", "{outcome}", "Outcomes joined to their predictions.")
@@ -127,7 +130,7 @@ ANOMALIES = (
 )
 OVERFLOW = (
     "mlsidecar.engine.overflow",
-    "1",
+    "",
     "1 while a bounded attribute set of a model version (mlsidecar.overflow) folds "
     "new keys into 'other'.",
 )
@@ -138,7 +141,7 @@ PSI_BIN_VALUES = (
 )
 PSI_BIN_REFERENCE = (
     "ml.feature.psi.bin.reference",
-    "1",
+    "",
     "Proportion of the reference's values in each psi bin (ml.bin) of a feature.",
 )
 PERFORMANCE_METRICS = HEADLINE_METRICS

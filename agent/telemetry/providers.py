@@ -50,6 +50,11 @@ from agent.telemetry.events import EVENTS_LOGGER
 log = logging.getLogger(__name__)
 
 SIGNALS = ("traces", "metrics", "logs")
+# Resource attributes shown as labels on every /metrics series (k8s_namespace_name, ...), the
+# ones dashboards filter on; the rest stay on target_info.
+PROMOTED_RESOURCE_ATTRIBUTES = frozenset(
+    {"service.name", "service.version", "k8s.namespace.name", "k8s.pod.name", "k8s.node.name"}
+)
 CUMULATIVE_ONLY: dict[type, AggregationTemporality] = {
     instrument: AggregationTemporality.CUMULATIVE
     for instrument in (
@@ -202,7 +207,14 @@ class Telemetry:
         if prometheus_registry is not None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            readers.append(PrometheusMetricReader(registry=prometheus_registry))
+            # The resource attributes dashboards filter on become labels of every series, as
+            # the Collector's resource_to_telemetry_conversion makes them (docs/metrics.md).
+            readers.append(
+                PrometheusMetricReader(
+                    registry=prometheus_registry,
+                    resource_attribute_filter=PROMOTED_RESOURCE_ATTRIBUTES.__contains__,
+                )
+            )
             self.exporting.append("prometheus")
         for reader in readers:
             inject_engine_metrics(reader, self.engine_metrics)

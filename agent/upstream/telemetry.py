@@ -85,7 +85,7 @@ class UpstreamTelemetry:
         meter.create_observable_gauge(
             "mlsidecar.upstream.breaker.state",
             callbacks=[self._observe_states],
-            unit="1",
+            unit="",  # not "1": a Collector would name it ..._state_ratio (docs/metrics.md)
             description="Circuit breaker state: 0 closed, 1 half-open, 2 open.",
         )
         self.listener = BreakerTelemetry(self)
