@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest proto proto-lint bench bench-peers bench-memory bench-engine bench-store bench-upstream bench-resources system-deps clean
+.PHONY: install demo test lint typecheck pytest proto proto-lint bench bench-peers bench-memory bench-engine bench-store bench-upstream bench-resources bench-client bench-demo system-deps clean chart dashboards
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,8 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus-alertmanager >/dev/null; }
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check agent tests bench scripts
-	$(BIN)/ruff check agent tests bench scripts
+	$(BIN)/ruff format --check agent tests bench scripts grafana
+	$(BIN)/ruff check agent tests bench scripts grafana
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -87,6 +87,24 @@ bench-upstream: $(STAMP)
 
 bench-resources: $(STAMP)
 	$(BIN)/python bench/resources.py $(BENCH_ARGS)
+
+# The client SDK: per-call cost of log_prediction (5 k calls/s) and throughput to a real agent.
+bench-client: $(STAMP)
+	$(BIN)/python bench/client.py $(BENCH_ARGS)
+
+# The demo model service's request latency with and without the SDK (interleaved rounds).
+bench-demo: $(STAMP)
+	$(BIN)/python bench/demo_latency.py $(BENCH_ARGS)
+	$(BIN)/python bench/demo_latency.py --feature-store $(BENCH_ARGS)
+
+# The Helm chart, linted (strict) and packaged by Helm's Go SDK (helm-python-sdk) into dist/.
+chart: $(STAMP)
+	$(BIN)/python scripts/package_chart.py --lint
+
+# Grafana dashboards as code (grafana-foundation-sdk): regenerate the committed JSON of
+# grafana/dashboards/ (tests/test_grafana.py fails when it is stale).
+dashboards: $(STAMP)
+	$(BIN)/python grafana/dashboards.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,7 +1,8 @@
 """The ``mlsidecar`` command.
 
     mlsidecar run --config mlsidecar.yaml          # the sidecar, until SIGTERM/SIGINT
-    mlsidecar demo --duration 60                   # agent + synthetic model traffic
+    mlsidecar demo --speed 10                      # agent + demo model service + a story
+    mlsidecar replay events.jsonl --target 127.0.0.1:4320
     mlsidecar health fraud-scorer                  # ask a running agent for a model's report
     mlsidecar health --probe                       # exit 0 only when the agent is serving
     mlsidecar config show --config mlsidecar.yaml  # effective config, secrets redacted
@@ -20,7 +21,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import sys
 import time
 import urllib.error
@@ -37,7 +37,6 @@ from agent.telemetry.logs import configure_logging
 
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
-DEMO_WINDOW_S = 60.0
 
 
 class ConfigError(Exception):
@@ -166,6 +165,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def _demo_settings(args: argparse.Namespace) -> Settings:
+    from agent.demo.story import demo_settings
+
     overrides = _cli_overrides(args)
     # Without a Collector to send to, the demo exports nothing over OTLP (no retry noise);
     # /metrics and the health endpoint show everything. OTEL_* endpoints turn OTLP on.
@@ -177,87 +178,82 @@ def _demo_settings(args: argparse.Namespace) -> Settings:
     overrides["telemetry"].setdefault("service_name", "fraud-scorer")
     if args.window is not None:
         overrides.setdefault("engine", {})["window_s"] = args.window
-    settings = load_settings(args.config, **overrides)
-    if "window_s" not in settings.engine.model_fields_set:
-        # A one-minute window shows windows roll within a demo's attention span.
-        settings.engine.window_s = DEMO_WINDOW_S
-    return settings
+    if getattr(args, "proxy_listen", None):
+        overrides["upstream"] = {"listen": args.proxy_listen}
+    return demo_settings(load_settings(args.config, **overrides), speed=args.speed)
 
 
-def _summary_line(report: dict[str, Any] | None, elapsed: float) -> str:
-    if report is None:
-        return f"[{elapsed:6.0f}s] waiting for the first batch"
-    window, totals = report["window"], report["totals"]
-    latency = window.get("latency_ms") or {}
-    score = window.get("score") or {}
-
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.3g}"
-
-    return (
-        f"[{elapsed:6.0f}s] {report['model']}@{report['version']}: "
-        f"{totals['rows']} predictions, {totals['outcomes']} outcomes | window: "
-        f"{window['count']} rows, latency p50 {fmt(latency.get('p50'))} ms "
-        f"p99 {fmt(latency.get('p99'))} ms, mean score {fmt(score.get('mean'))} | "
-        f"reference {'yes' if report.get('reference') else 'warming up'}, "
-        f"drifted share {fmt((report.get('dataset_drift') or {}).get('share'))}, "
-        f"accuracy {fmt((report.get('performance') or {}).get('accuracy'))}, "
-        f"joined {(report.get('outcomes') or {}).get('joined', 0)} | "
-        f"health {(report.get('health') or {}).get('score')} "
-        f"({(report.get('health') or {}).get('status')})"
-    )
+def _positive(value: float | None, flag: str) -> None:
+    if value is not None and not (value > 0 and value < float("inf")):
+        raise ConfigError(f"{flag}: must be a positive number, got {value:g}")
 
 
-async def _demo(settings: Settings, args: argparse.Namespace) -> None:
-    from agent.demo import MODEL, SyntheticTraffic
+def _addresses(args: argparse.Namespace, *flags: str) -> None:
+    from agent.config import split_host_port
 
-    agent = build_agent(settings)
-    await agent.start()
-    api = f"http://{settings.api.host}:{agent.api.port}"
-    otlp = ", ".join(
-        e.removeprefix("otlp-") for e in agent.telemetry.exporting if e.startswith("otlp")
-    )
-    print(
-        f"mlsidecar demo: agent ingest on {settings.ingest.host}:{agent.ingest.port}, "
-        f"admin API on {api}\n"
-        f"  model health:  {api}/v1/models/{MODEL}/health\n"
-        f"  metrics:       {api}/metrics\n"
-        f"  API docs:      {api}/docs\n"
-        f"  OTLP export:   {otlp or 'off (set OTEL_EXPORTER_OTLP_ENDPOINT to send to a Collector)'}\n"
-        f"  Ctrl-C stops{'' if args.duration is None else f'; runs for {args.duration:g}s'}",
-        flush=True,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    traffic = SyntheticTraffic(f"127.0.0.1:{agent.ingest.port}", rate=args.rate)
-    sender = asyncio.create_task(traffic.run(stop))
-    started = time.monotonic()
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), args.every)
-            elapsed = time.monotonic() - started
-            print(_summary_line(agent.engine.report(MODEL), elapsed), flush=True)
-            if args.duration is not None and elapsed >= args.duration:
-                stop.set()
-    finally:
-        stop.set()
-        await sender
-        await agent.stop()
-    print(
-        f"demo finished: sent {traffic.sent_predictions} predictions and "
-        f"{traffic.sent_outcomes} outcomes ({traffic.failed_batches} failed batches)",
-        flush=True,
-    )
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value is not None:
+            try:
+                split_host_port(value)
+            except ValueError as error:
+                raise ConfigError(f"{flag}: {error}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo.story import DemoOptions, run_story
+
+    for value, flag in ((args.speed, "--speed"), (args.duration, "--duration"),
+                        (args.rate, "--rate"), (args.every, "--every")):  # fmt: skip
+        _positive(value, flag)
+    _addresses(args, "--model-listen", "--feature-store-listen", "--proxy-listen")
     settings = _demo_settings(args)
     configure_logging(settings.logging)
-    asyncio.run(_demo(settings, args))
-    return 0
+    options = DemoOptions(
+        speed=args.speed,
+        seed=args.seed,
+        duration=args.duration,
+        rate=args.rate,
+        every=args.every,
+        model_listen=args.model_listen,
+        feature_store_listen=args.feature_store_listen,
+    )
+    return asyncio.run(run_story(settings, options))
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from agent.demo.parts import serve_model
+
+    _addresses(args, "--listen", "--sidecar")
+    configure_logging(load_settings(None).logging)
+    return asyncio.run(serve_model(args))
+
+
+def cmd_demo_feature_store(args: argparse.Namespace) -> int:
+    from agent.demo.parts import serve_feature_store
+
+    _addresses(args, "--listen")
+    configure_logging(load_settings(None).logging)
+    return asyncio.run(serve_feature_store(args))
+
+
+def cmd_demo_traffic(args: argparse.Namespace) -> int:
+    from agent.demo.parts import send_traffic
+
+    for value, flag in ((args.speed, "--speed"), (args.duration, "--duration"),
+                        (args.rate, "--rate")):  # fmt: skip
+        _positive(value, flag)
+    configure_logging(load_settings(None).logging)
+    return asyncio.run(send_traffic(args))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from agent.replay import ReplayError, replay_file
+
+    try:
+        return replay_file(args)
+    except ReplayError as error:
+        raise ConfigError(str(error)) from None
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
@@ -377,18 +373,51 @@ def build_parser() -> argparse.ArgumentParser:
     with_listeners(run)
     run.set_defaults(handler=cmd_run)
 
-    demo = commands.add_parser("demo", help="run the agent with synthetic model traffic")
+    demo = commands.add_parser(
+        "demo", help="the agent, a demo model service, its feature store and a story of traffic"
+    )
     with_config(demo)
     with_listeners(demo)
-    demo.add_argument("--duration", type=float, help="stop after this many seconds")
-    demo.add_argument("--rate", type=float, default=500.0, help="predictions per second")
-    demo.add_argument("--every", type=float, default=5.0, help="seconds between summaries")
     demo.add_argument(
-        "--window",
-        type=float,
-        help=f"engine window, seconds (default: config, else {DEMO_WINDOW_S:g})",
+        "--duration", type=float, help="stop after this many seconds (default: the whole story)"
     )
+    demo.add_argument(
+        "--speed", type=float, default=1.0, help="story time per second (10: 300 s story in 30 s)"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the traffic")
+    demo.add_argument(
+        "--rate", type=float, default=50.0, help="transactions per story second (default 50)"
+    )
+    demo.add_argument(
+        "--every", type=float, help="seconds between summary lines (default: 5/speed, 1 to 5)"
+    )
+    demo.add_argument(
+        "--window", type=float, help="engine window, seconds (default: config, else 20/speed)"
+    )
+    demo.add_argument("--model-listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                      help="demo model service address (default: a free port)")  # fmt: skip
+    demo.add_argument("--feature-store-listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                      help="demo feature store address (default: a free port)")  # fmt: skip
+    demo.add_argument("--proxy-listen", metavar="HOST:PORT",
+                      help="egress proxy address (default: config, else a free port)")  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
+
+    from agent.demo.parts import add_part_commands
+
+    add_part_commands(
+        commands,
+        model=cmd_demo_model,
+        traffic=cmd_demo_traffic,
+        feature_store=cmd_demo_feature_store,
+    )
+
+    replay = commands.add_parser(
+        "replay", help="submit predictions/outcomes from a .jsonl or .csv file to an agent"
+    )
+    from agent.replay import add_replay_arguments
+
+    add_replay_arguments(replay)
+    replay.set_defaults(handler=cmd_replay)
 
     health = commands.add_parser("health", help="ask a running agent how it and a model are")
     with_config(health)

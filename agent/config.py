@@ -886,8 +886,17 @@ class LoggingSettings(Section):
 
 
 ENV_PREFIX = "MLSIDECAR_"
-# Read by the CLI, not part of the settings tree.
-ENV_NOT_SETTINGS = frozenset({"MLSIDECAR_CONFIG"})
+# Read by the CLI, not part of the settings tree. The Helm chart gives the model container
+# the other four (where its sidecar listens); a model running an mlsidecar command keeps them.
+ENV_NOT_SETTINGS = frozenset(
+    {
+        "MLSIDECAR_CONFIG",
+        "MLSIDECAR_TARGET",
+        "MLSIDECAR_API_URL",
+        "MLSIDECAR_UPSTREAM_URL",
+        "MLSIDECAR_TOKEN",
+    }
+)
 
 
 def check_environment(environ: Mapping[str, str]) -> None:

@@ -112,3 +112,18 @@ def test_ingest_bench_sends_fresh_ids_and_joins_an_outcome_for_each_through_the_
     assert phases["agent-outcomes"]["events"] > 0
     assert any(line.startswith("outcome joins through the agent:") for line in lines)
     assert "meets_store_target" in summary
+
+
+def test_client_bench_prints_call_percentiles_and_throughput_verified_by_the_agent():
+    lines = run_bench("bench/client.py", "--quick", "--rate", "2000")
+    header = next(line for line in lines if line.startswith("case"))
+    assert header.split()[:3] == ["case", "calls", "p50"]
+    assert any(line.startswith("throughput (one thread") for line in lines)
+    assert "agent's own row count matches what the client sent: yes" in lines
+    summary = json.loads(lines[-1])
+    assert summary["bench"] == "client" and summary["verified"] is True
+    call = summary["call"]
+    assert call["calls"] == 2000 and 0 < call["p50_us"] <= call["p99_us"] <= call["max_us"]
+    assert call["dropped"] == 0 and call["flushed"] is True
+    assert summary["throughput"]["sent"] == 20_000
+    assert summary["batch_form"]["sent"] == 20_000
