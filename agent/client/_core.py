@@ -641,7 +641,9 @@ class ClientCore:
     # -- the sender's side --------------------------------------------------------------------
 
     def _wake(self) -> None:
-        raise NotImplementedError
+        """Wake the sender now (a full batch is waiting): the thread client sets its event,
+        the asyncio client its loop's event. Both subclasses define it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _wake")
 
     def _poke(self) -> None:
         """Start the sender if it waits for a running loop (asyncio client)."""
