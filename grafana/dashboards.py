@@ -123,6 +123,18 @@ def table_panel(title: str, description: str, targets: list[Target], **kw: Any) 
     return built.with_transformation(DataTransformerConfig(id_val="merge", options={}))
 
 
+def quantiles(bucket: str, *qs: float) -> list[Target]:
+    """Quantiles of a model histogram per model version, all replicas: one target each."""
+    return [
+        (
+            f"histogram_quantile({q}, sum by (le, {BY_MODEL}) "
+            f"(rate({bucket}{{{MODEL}}}[$__rate_interval])))",
+            f"p{q * 100:g} {{{{ml_model_name}}}} {{{{ml_model_version}}}}",
+        )
+        for q in qs
+    ]
+
+
 def mapping(values: dict[int, tuple[str, str]]) -> list[Any]:
     return [
         ValueMap(
@@ -222,6 +234,13 @@ def new_dashboard(uid: str, title: str, description: str, variables: list[Any]) 
     return board
 
 
+def model_dashboard(
+    uid: str, title: str, question: str, rows: list[tuple[str, list[Any]]], *extra: Any
+) -> Any:
+    """A dashboard of one model's panels: the model variables (and ``extra`` ones), rows."""
+    return with_panels(new_dashboard(uid, title, question, [*model_variables(), *extra]), rows)
+
+
 def with_panels(board: Any, rows: list[tuple[str, list[Any]]]) -> Any:
     """Rows of panels, numbered 1, 2, 3... in reading order (stable ids across builds)."""
     next_id = 1
@@ -239,10 +258,6 @@ def with_panels(board: Any, rows: list[tuple[str, list[Any]]]) -> Any:
 
 def model_health() -> Any:
     rate = "$__rate_interval"
-    latency = (
-        f"histogram_quantile({{q}}, sum by (le, {BY_MODEL}) "
-        f"(rate(ml_prediction_duration_seconds_bucket{{{{{MODEL}}}}}[{rate}])))"
-    )
     rows = [
         (
             "Health",
@@ -278,13 +293,19 @@ def model_health() -> Any:
                 ),
                 table_panel(
                     "Firing alerts",
-                    "Alerts firing from the Prometheus rules (prometheus/rules/), for this model "
-                    "and for pod-level alerts without a model label.",
+                    "Alerts firing now, for this model and for pod-level alerts without a model "
+                    "label: from the Prometheus rules (prometheus/rules/, ALERTS) and from the "
+                    "agent's own rules (mlsidecar_alerts_firing: firing instances per rule). "
+                    "Each team uses one of the two paths (docs/alerts.md).",
                     [
                         (
                             'ALERTS{alertstate="firing", ml_model_name=~"$model|", k8s_namespace_name=~"$namespace"}',
                             "{{alertname}}",
-                        )
+                        ),
+                        (
+                            'mlsidecar_alerts_firing{ml_model_name=~"$model|", k8s_namespace_name=~"$namespace"} > 0',
+                            "agent: {{alertname}}",
+                        ),
                     ],
                     width=8,
                 ),
@@ -336,10 +357,7 @@ def model_health() -> Any:
                     "Model latency p50 / p99 (exemplars lead to the trace)",
                     "Latency reported by the model service. Exemplars (dots) carry the trace id "
                     "of a model request: click one to open the trace in Tempo.",
-                    [
-                        (latency.format(q="0.5"), "p50 {{ml_model_name}} {{ml_model_version}}"),
-                        (latency.format(q="0.99"), "p99 {{ml_model_name}} {{ml_model_version}}"),
-                    ],
+                    quantiles("ml_prediction_duration_seconds_bucket", 0.5, 0.99),
                     unit="s",
                     exemplars=True,
                 ),
@@ -380,13 +398,12 @@ def model_health() -> Any:
             ],
         ),
     ]
-    board = new_dashboard(
+    return model_dashboard(
         "mlsidecar-model-health",
         "mlsidecar / Model health overview",
         "Is the model healthy? Score, traffic, latency, drift, performance and alerts.",
-        model_variables(),
+        rows,
     )
-    return with_panels(board, rows)
 
 
 # ---------------------------------------------------------------- 2. drift & quality
@@ -546,22 +563,18 @@ def drift_quality() -> Any:
             ],
         ),
     ]
-    variables = [
-        *model_variables(),
+    return model_dashboard(
+        "mlsidecar-drift",
+        "mlsidecar / Drift & data quality",
+        "Which features moved, how far, since when, and is the input data broken?",
+        rows,
         var_query(
             "feature",
             "Feature",
             f"label_values(ml_feature_drift_psi{{{MODEL}}}, ml_feature_name)",
             include_all=False,
         ),
-    ]
-    board = new_dashboard(
-        "mlsidecar-drift",
-        "mlsidecar / Drift & data quality",
-        "Which features moved, how far, since when, and is the input data broken?",
-        variables,
     )
-    return with_panels(board, rows)
 
 
 # ---------------------------------------------------------------- 3. outcomes & performance
@@ -594,19 +607,11 @@ def outcomes_performance() -> Any:
                     unit="reqps",
                 ),
                 ts(
-                    "Label delay (estimated) and pending predictions",
-                    "Predictions waiting for their outcome, and the mean wait estimated by "
-                    "Little's law: pending / joins per second.",
-                    [
-                        (
-                            f"sum by ({BY_MODEL}) (ml_predictions_pending{{{MODEL}}})",
-                            "pending {{ml_model_name}}",
-                        ),
-                        (
-                            f"sum by ({BY_MODEL}) (ml_predictions_pending{{{MODEL}}}) / sum by ({BY_MODEL}) (rate(ml_outcomes_joined_total{{{MODEL}}}[5m]) > 0)",
-                            "estimated delay (s) {{ml_model_name}}",
-                        ),
-                    ],
+                    "Label delay p50 / p90",
+                    "How long outcomes take to arrive: seconds from a prediction to the outcome "
+                    "joined to it, for the outcomes joined in each interval (all replicas).",
+                    quantiles("ml_outcome_label_delay_seconds_bucket", 0.5, 0.9),
+                    unit="s",
                 ),
                 stat_panel(
                     "Join rate",
@@ -621,9 +626,20 @@ def outcomes_performance() -> Any:
                     width=6,
                 ),
                 ts(
+                    "Pending predictions",
+                    "Predictions kept waiting for their outcome: a steady climb means outcomes "
+                    "stopped arriving or joining.",
+                    [
+                        (
+                            f"sum by ({BY_MODEL}) (ml_predictions_pending{{{MODEL}}})",
+                            "pending {{ml_model_name}} {{ml_model_version}}",
+                        )
+                    ],
+                    width=6,
+                ),
+                ts(
                     "Traffic per segment",
-                    "Predictions per second per segment (the batch attributes, e.g. region=eu). "
-                    "Per-segment performance is in the health report's performance.segments.",
+                    "Predictions per second per segment (the batch attributes, e.g. region=eu).",
                     [
                         (
                             f"sum by (ml_segment) (rate(ml_predictions_total{{{MODEL}}}[{rate}]))",
@@ -631,7 +647,6 @@ def outcomes_performance() -> Any:
                         )
                     ],
                     unit="reqps",
-                    width=18,
                 ),
             ],
         ),
@@ -645,6 +660,19 @@ def outcomes_performance() -> Any:
                         (
                             f'min by ({BY_MODEL}, ml_metric) (ml_model_performance{{{MODEL}, ml_metric=~"accuracy|f1_macro|roc_auc"}})',
                             "{{ml_metric}} {{ml_model_name}} {{ml_model_version}}",
+                        )
+                    ],
+                    unit="percentunit",
+                ),
+                ts(
+                    "Performance per segment",
+                    "Accuracy, F1 and ROC AUC (R² for regression) of each segment on the "
+                    "outcomes joined in the evaluated window, worst replica: is one region or "
+                    "tier worse than the rest?",
+                    [
+                        (
+                            f'min by (ml_segment, ml_metric) (ml_model_segment_performance{{{MODEL}, ml_metric=~"accuracy|f1_macro|roc_auc|r2"}})',
+                            "{{ml_metric}} {{ml_segment}}",
                         )
                     ],
                     unit="percentunit",
@@ -683,13 +711,12 @@ def outcomes_performance() -> Any:
             ],
         ),
     ]
-    board = new_dashboard(
+    return model_dashboard(
         "mlsidecar-outcomes",
         "mlsidecar / Outcomes & performance",
         "Do outcomes arrive and join, and how good are the predictions?",
-        model_variables(),
+        rows,
     )
-    return with_panels(board, rows)
 
 
 # ---------------------------------------------------------------- 4. pod resources
@@ -855,21 +882,13 @@ def pod_resources() -> Any:
             ],
         ),
     ]
-    variables = [
-        *model_variables(),
-        var_query(
-            "pod",
-            "Pod",
-            f"label_values(ml_predictions_total{{{MODEL}}}, k8s_pod_name)",
-        ),
-    ]
-    board = new_dashboard(
+    return model_dashboard(
         "mlsidecar-resources",
         "mlsidecar / Pod resources",
         "Is the model process starved or about to be killed, and what does the sidecar cost?",
-        variables,
+        rows,
+        var_query("pod", "Pod", f"label_values(ml_predictions_total{{{MODEL}}}, k8s_pod_name)"),
     )
-    return with_panels(board, rows)
 
 
 # ---------------------------------------------------------------- 5. upstreams & breakers

@@ -290,8 +290,13 @@ def test_every_metric_of_a_live_agent_has_the_same_name_through_the_collector(
                 },
                 "targets": {"features": {"url": upstream.url, "policy": "features"}},
             },
+            # The breaker _drive opens fires this rule: mlsidecar.alerts.firing has a series.
+            alerts={
+                "rules": {"breaker-open": {"signal": "breakers.*.open", "op": "==", "threshold": 1}}
+            },
         )
         _drive(harness, upstream, seconds=3.0)
+        harness.run(harness.agent.evaluate_alerts())
 
         # Series appear over time (a rate needs two readings, drift a closed window), and
         # each reader collects on its own clock: compare, and retry a few times first.
@@ -324,6 +329,9 @@ def test_every_metric_of_a_live_agent_has_the_same_name_through_the_collector(
         "ml_prediction_score_bucket",
         "ml_outcomes_joined_total",
         "ml_model_performance",
+        "ml_model_segment_performance",
+        "ml_outcome_label_delay_seconds_bucket",
+        "mlsidecar_alerts_firing",
         "ml_model_health_score",
         "mlsidecar_ingest_batches_total",
         "mlsidecar_ingest_duration_seconds_bucket",

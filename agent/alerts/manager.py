@@ -71,6 +71,15 @@ class Notification:
     at_unix_nano: int
 
 
+# (rule, model, version, severity); model and version are "" for the agent's own alerts.
+FiringKey = tuple[str, str, str, str]
+
+
+def _firing_key(alert: AlertInstance) -> FiringKey:
+    labels = alert.labels
+    return (alert.rule, labels.get("model", ""), labels.get("version", ""), alert.severity)
+
+
 def instance_id(rule: str, labels: Mapping[str, str]) -> str:
     key = json.dumps([rule, sorted(labels.items())], separators=(",", ":"))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -93,6 +102,9 @@ class Alerts:
         self.active: dict[str, AlertInstance] = {}
         self.silences: dict[str, Silence] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=history)
+        # Series of the firing gauge that have fired: kept at 0 once resolved, while their
+        # rule is configured and their model version still reported (bounded by both).
+        self._fired: set[FiringKey] = set()
         if state_path is not None:
             self._load(state_path)
 
@@ -104,9 +116,12 @@ class Alerts:
         now = self._clock()
         out: list[Notification] = []
         seen: set[str] = set()
+        reported: set[tuple[str, str]] = set()
+        fired = self._firing_keys()  # resolved below, they still show as 0 in the gauge
         changed = False
         for report in reports:
             model, version = str(report.get("model", "")), str(report.get("version", ""))
+            reported.add((model, version))
             for rule in self.rules.values():
                 if rule.models is not None and model not in rule.models:
                     continue
@@ -128,6 +143,8 @@ class Alerts:
         # Instances whose model version or key went away (forgotten, renamed): resolved.
         for key in [k for k in self.active if k not in seen]:
             changed |= self._resolve(key, None, now, out)
+        fired |= self._fired | self._firing_keys()
+        self._fired = {k for k in fired if k[0] in self.rules and (k[1], k[2]) in reported}
         if changed:
             self.save()
         return out
@@ -182,6 +199,22 @@ class Alerts:
             out.append(Notification("resolved", alert, rule.channels if rule else ("log",), now))
         self.recent.appendleft({**asdict(alert), "state": "resolved", "resolved_unix_nano": now})
         return True
+
+    # --- the firing gauge -------------------------------------------------------------------
+
+    def _firing_keys(self) -> set[FiringKey]:
+        return {_firing_key(a) for a in list(self.active.values()) if a.state == "firing"}
+
+    def firing(self) -> dict[FiringKey, int]:
+        """Firing instances per (rule, model, version, severity): the ``mlsidecar.alerts.firing``
+        gauge. A series that fired reads 0 once resolved, until its model version is no
+        longer reported or its rule is removed. Safe to call from a metric reader's thread."""
+        counts = dict.fromkeys(set(self._fired), 0)
+        for alert in list(self.active.values()):
+            if alert.state == "firing" and alert.rule in self.rules:
+                key = _firing_key(alert)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
 
     # --- operator actions -------------------------------------------------------------------
 

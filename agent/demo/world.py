@@ -18,6 +18,10 @@ from agent.demo import MODEL, VERSION
 
 __all__ = ["MODEL", "VERSION", "World", "account_age_days", "fraud_probability"]
 MERCHANTS = ("grocery", "travel", "electronics", "fuel", "online")
+# The new market of the drift phases shops online and for electronics (PSI ~1 against the
+# healthy uniform mix): with the amounts, two of the model's four features drift, so the
+# dataset drift share holds at >= 0.5 through the drifted phases, not for a moment.
+DRIFTED_MERCHANT_MIX = (0.05, 0.05, 0.3, 0.05, 0.55)
 USERS = 5_000
 # The user table must be the same in every process (feature store, traffic): fixed seed.
 _USER_SEED = 20_261_205
@@ -56,7 +60,7 @@ def fraud_probability(
 
 
 class World:
-    """Draws transactions; ``drifted`` shifts the amount distribution up (a new market)."""
+    """Draws transactions; ``drifted`` is a new market: larger amounts, another merchant mix."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -66,7 +70,12 @@ class World:
         # Healthy: median ~33; drifted: median ~90 (a feature drifts, PSI well above 0.25).
         amount = rng.lognormal(4.5 if drifted else 3.5, 0.8, n).round(2)
         hour = rng.integers(0, 24, n).astype(float)
-        merchant = np.asarray(MERCHANTS)[rng.integers(0, len(MERCHANTS), n)]
+        kinds = (
+            rng.choice(len(MERCHANTS), n, p=DRIFTED_MERCHANT_MIX)
+            if drifted
+            else rng.integers(0, len(MERCHANTS), n)
+        )
+        merchant = np.asarray(MERCHANTS)[kinds]
         user_id = rng.integers(0, USERS, n)
         return {"amount": amount, "hour": hour, "merchant": merchant, "user_id": user_id}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,9 @@ class ModelSnapshot:
     psi_bins: list[PsiBins] = field(default_factory=list)
     # Bounded attribute sets that overflowed into "other" (see ModelState.overflowed).
     overflowed: tuple[str, ...] = ()
+    # Seconds from prediction to outcome of every joined pair since the state was created
+    # (with health only; None without it).
+    label_delay: FixedHistogram | None = None
 
 
 class ModelState:
@@ -250,7 +253,7 @@ class ModelState:
         latency, scores = batch_histograms(cols, totals.latency, totals.scores, exemplars=fresh)
         totals.observe_batch(cols, latency, scores)
         self.current.observe_batch(cols, latency, scores)
-        self.segments.add(_segment_key(cols.attributes), cols.rows * cols.weight)
+        self.segments.add(segment_key(cols.attributes), cols.rows * cols.weight)
         if cols.labels is not None:
             self.labels.add_many(cols.labels, cols.weight)
         features = self.features
@@ -284,6 +287,9 @@ class ModelState:
             json_safe(self._ml_sections(self.config.min_window_rows)) if with_health else None,
             self.monitor.psi_bins() if with_health else [],
             self.overflowed(),
+            copy.deepcopy(self.monitor.totals_performance.label_delay.histogram)
+            if with_health
+            else None,
         )
 
     def overflowed(self) -> tuple[str, ...]:
@@ -359,7 +365,12 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _segment_key(attributes: dict[str, str]) -> str:
+def segment_key(attributes: Mapping[str, str]) -> str:
+    """A batch's segment: its attributes as sorted ``k=v`` pairs (``""`` without any).
+
+    >>> segment_key({"tier": "gold", "region": "eu"})
+    'region=eu,tier=gold'
+    """
     if not attributes:
         return ""
     return ",".join(f"{k}={v}" for k, v in sorted(attributes.items()))

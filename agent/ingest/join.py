@@ -14,11 +14,12 @@ and hands joined pairs to the engine per model version.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from agent.engine import Engine, JoinedPairs, OutcomeColumns, PredictionColumns
+from agent.engine.model import segment_key
 from agent.store import AsyncPendingPredictions, JoinedPredictions, OrphanOutcomes, PendingBatch
 
 
@@ -78,7 +79,7 @@ class OutcomeJoiner:
         predicted_at = np.where(
             joined.timestamps_unix_nano > 0, joined.timestamps_unix_nano, joined.received_unix_nano
         )
-        for version, _segment, rows in joined.groups():
+        for version, segment, rows in _by_segment(joined):
             scores = joined.scores[rows]
             has_scores = bool(np.isfinite(scores).any())
             labels = [joined.labels[i] for i in rows]
@@ -93,12 +94,14 @@ class OutcomeJoiner:
                     else joined.probabilities[rows],
                     class_names=joined.class_names,
                     label_delay_s=delay,
+                    segment=segment,
                 )
             elif actual_values is not None and has_scores:
                 pairs = JoinedPairs(
                     actual_values=np.asarray(actual_values, dtype=np.float64)[rows],
                     predicted_values=scores,
                     label_delay_s=delay,
+                    segment=segment,
                 )
             else:  # an outcome with neither kind of value for these predictions: nothing to judge
                 continue
@@ -115,3 +118,22 @@ class OutcomeJoiner:
     async def forget(self, model: str) -> int:
         self.orphans.forget(model)
         return await self.store.forget(model)
+
+
+def _by_segment(joined: JoinedPredictions) -> Iterator[tuple[str, str, np.ndarray]]:
+    """The found rows by model version and segment (the prediction batch's attributes, as
+    the engine keys prediction segments), so performance is tallied per segment too."""
+    for version, _, rows in joined.groups():
+        keys: dict[int, str] = {}  # rows of one batch share one attributes mapping
+        split: dict[str, list[int]] = {}
+        for row in rows.tolist():
+            attributes: Mapping[str, str] = joined.attributes[row]
+            key = keys.get(id(attributes))
+            if key is None:
+                key = keys[id(attributes)] = segment_key(attributes)
+            split.setdefault(key, []).append(row)
+        if len(split) == 1:
+            yield version, next(iter(split)), rows
+            continue
+        for key, part in split.items():
+            yield version, key, np.array(part, dtype=rows.dtype)

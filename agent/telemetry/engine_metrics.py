@@ -104,6 +104,17 @@ PERFORMANCE = (
     "",
     "Model performance on joined outcomes, by metric (ml.metric).",
 )
+SEGMENT_PERFORMANCE = (
+    "ml.model.segment.performance",
+    "",
+    "Model performance on joined outcomes per segment (ml.segment: the prediction batch's "
+    "attributes), by metric (ml.metric); the window of ml.model.performance.",
+)
+LABEL_DELAY = (
+    "ml.outcome.label_delay",
+    "s",
+    "Seconds from a prediction to the outcome joined to it.",
+)
 HEALTH = ("ml.model.health.score", "", "Model health score, 0-100.")
 # Counters of live values per psi bin since the reference was set, and the reference's own
 # proportions per bin: fleet-wide PSI in PromQL across replicas sharing a reference id.
@@ -167,6 +178,7 @@ class EngineMetricsProducer:
         classes: list[NumberDataPoint] = []
         durations: list[HistogramDataPoint] = []
         scores: list[HistogramDataPoint] = []
+        label_delays: list[HistogramDataPoint] = []
         bin_values: list[NumberDataPoint] = []
         bin_reference: list[NumberDataPoint] = []
         overflow: list[NumberDataPoint] = []
@@ -220,6 +232,8 @@ class EngineMetricsProducer:
                 durations.append(_histogram_point(snap.totals.latency, base, start, now, 1e-3))
             if snap.totals.scores.count:
                 scores.append(_histogram_point(snap.totals.scores, base, start, now, 1.0))
+            if snap.label_delay is not None and snap.label_delay.count:
+                label_delays.append(_histogram_point(snap.label_delay, base, start, now, 1.0))
         gauges = self._health_gauges(snapshots, now)
         metrics = [
             *gauges,
@@ -228,6 +242,7 @@ class EngineMetricsProducer:
             _sum(CLASSES, classes),
             _histogram(DURATION, durations),
             _histogram(SCORE, scores),
+            _histogram(LABEL_DELAY, label_delays),
             _sum(PSI_BIN_VALUES, bin_values),
             _gauge(PSI_BIN_REFERENCE, bin_reference),
             _gauge(OVERFLOW, overflow),
@@ -288,6 +303,11 @@ class EngineMetricsProducer:
             performance = health["performance"]
             for metric in PERFORMANCE_METRICS:
                 add(PERFORMANCE, {**base, "ml.metric": metric}, performance.get(metric))
+            # Segments are bounded by max_segments (+ "other"): segments x headline metrics.
+            for segment, figures in (performance.get("segments") or {}).items():
+                for metric in PERFORMANCE_METRICS:
+                    attributes = {**base, "ml.segment": segment, "ml.metric": metric}
+                    add(SEGMENT_PERFORMANCE, attributes, figures.get(metric))
         return [_gauge(spec, series) for spec, series in points.items()]
 
     def merge(self, data: MetricsData) -> MetricsData:
