@@ -132,7 +132,7 @@ def pending_store(store: StoreSettings) -> SqlitePendingPredictions | RedisPendi
     schema checked, so an unreachable server fails the start with its host:port)."""
     if store.backend == "redis":
         # Imported here: redis-py costs ~0.3 s of start-up to agents that do not use it.
-        from agent.store.redis import RedisPendingPredictions
+        from agent.store.redis import DEFAULT_CLAIM_TIMEOUT_S, RedisPendingPredictions
 
         if store.redis.url is None:  # refused by StoreSettings already
             raise ValueError("store.redis.url is required when store.backend is redis")
@@ -142,6 +142,11 @@ def pending_store(store: StoreSettings) -> SqlitePendingPredictions | RedisPendi
             ttl_s=store.pending_ttl_s,
             max_pending=store.max_pending,
             timeout_s=store.redis.timeout_s,
+            # A take is acknowledged by the next take or expire sweep: recover its claim only
+            # well after that, or rows already joined would be given back.
+            claim_timeout_s=max(
+                DEFAULT_CLAIM_TIMEOUT_S, 6 * store.expire_interval_s, 10 * store.redis.timeout_s
+            ),
         )
     store.data_dir.mkdir(parents=True, exist_ok=True)
     return SqlitePendingPredictions(
@@ -242,6 +247,15 @@ class Agent:
             else None
         )
         self._alerting: asyncio.Task[None] | None = None
+        if self.alerts is not None:
+            # The agent's own alerts as a metric, for dashboards (docs/metrics.md).
+            meter.create_observable_gauge(
+                "mlsidecar.alerts.firing",
+                callbacks=[self._observe_firing_alerts],
+                unit="",
+                description="The agent's alert instances firing, per rule and model version "
+                "(0 once resolved).",
+            )
         # Breaker-guarded upstream targets and the egress proxy, only when some are configured
         # (imported then: pybreaker brings redis-py, ~24 MB of memory, along).
         self.upstreams: Upstreams | None = None
@@ -419,11 +433,23 @@ class Agent:
     def _observe_models(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(len(self.engine.models()))
 
+    def _observe_firing_alerts(self, options: CallbackOptions) -> Iterable[Observation]:
+        assert self.alerts is not None
+        for (rule, model, version, severity), count in sorted(self.alerts.firing().items()):
+            attributes = {"alertname": rule, "severity": severity}
+            if model:  # the agent's own alerts (resources, breakers) name no model
+                attributes |= {"ml.model.name": model, "ml.model.version": version}
+            yield Observation(count, attributes)
+
     def readiness(self) -> dict[str, bool]:
-        return {
+        checks = {
             "grpc_serving": self.ingest.serving,
             "telemetry_configured": self.telemetry.configured,
         }
+        if self.telemetry.disabled:
+            # Off on purpose (OTEL_SDK_DISABLED=true): said so, and not a reason to be unready.
+            checks["telemetry_disabled"] = True
+        return checks
 
     async def start(self) -> None:
         """Start ingest first, then the admin API; a failure stops what already started."""
@@ -461,7 +487,7 @@ class Agent:
                 "version": __version__,
                 "ingest": f"{self.ingest.settings.host}:{self.ingest.port}",
                 "api": f"{self.api.settings.host}:{self.api.port}",
-                "exporting": ",".join(self.telemetry.exporting) or "nothing",
+                "exporting": self.telemetry.describe(),
                 "pending_store": self.pending_store_location,
             },
         )

@@ -149,6 +149,10 @@ class ApiSettings(Listener):
     prometheus: bool = True
     # Required by state-changing admin endpoints when set.
     admin_token: SecretStr | None = None
+    # HTTP ingest bodies (POST /v1/predictions, /v1/outcomes) read or processed at once;
+    # beyond, 429 RESOURCE_EXHAUSTED + Retry-After before the body is read (each body may
+    # be up to ingest.max_message_bytes: this bounds their memory).
+    max_ingest_in_flight: int = Field(8, ge=1)
 
 
 class TelemetrySettings(Section):

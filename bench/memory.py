@@ -294,6 +294,9 @@ class AgentProcess:
         env["TMPDIR"] = str(tmp)
         env["MLSIDECAR_ENGINE__WINDOW_S"] = str(args.window_s)
         env.setdefault("MLSIDECAR_LOGGING__LEVEL", "WARNING")
+        # As the image and the Helm chart run it (Dockerfile, helm/mlsidecar): measure that.
+        env.setdefault("MALLOC_ARENA_MAX", "2")
+        self.malloc_arena_max = env["MALLOC_ARENA_MAX"]
         if args.max_pending is not None:
             env["MLSIDECAR_STORE__MAX_PENDING"] = str(args.max_pending)
         self.tmp = tmp
@@ -476,8 +479,13 @@ def run_agent(args: argparse.Namespace) -> tuple[list[Checkpoint], dict[str, Any
     try:
         pool = encoded_pool(make_pool(args))
         agent = AgentProcess(args, tmp)
-        print(f"  agent pid {agent.pid} at {agent.target}, files under {tmp}", flush=True)
+        print(
+            f"  agent pid {agent.pid} at {agent.target}, files under {tmp}, "
+            f"MALLOC_ARENA_MAX={agent.malloc_arena_max or '(glibc default)'}",
+            flush=True,
+        )
         points, info = asyncio.run(drive_agent(args, agent, pool))
+        info["malloc_arena_max"] = agent.malloc_arena_max
         info["store_mb_at_end"] = round(agent.store_bytes() / MB, 1)
         return points, info
     except BaseException:

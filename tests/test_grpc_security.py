@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from pydantic import ValidationError
+from tls import Pki
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
@@ -40,63 +42,6 @@ http = httpx.Client(timeout=10.0)
 def _close_http_client() -> Iterator[None]:
     yield
     http.close()
-
-
-def openssl(*args: str | Path, cwd: Path) -> None:
-    subprocess.run(
-        ["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=30
-    )
-
-
-def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-    openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=directory,
-    )  # fmt: skip
-    return key, cert
-
-
-def make_leaf(
-    directory: Path, name: str, ca: tuple[Path, Path], extensions: str, serial: int
-) -> tuple[Path, Path]:
-    key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
-    ext_file = directory / f"{name}.ext"
-    ext_file.write_text(extensions)
-    openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", key, "-out", csr, "-subj", f"/CN={name}",
-        cwd=directory,
-    )  # fmt: skip
-    openssl(
-        "x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-set_serial", str(serial),
-        "-out", cert, "-days", "2", "-extfile", ext_file,
-        cwd=directory,
-    )  # fmt: skip
-    return key, cert
-
-
-class Pki:
-    def __init__(self, directory: Path) -> None:
-        self.ca_key, self.ca = make_ca(directory, "test-ca")
-        ca = (self.ca_key, self.ca)
-        self.server_key, self.server = make_leaf(
-            directory,
-            "server",
-            ca,
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-            serial=1,
-        )
-        self.client_key, self.client = make_leaf(
-            directory, "client", ca, "extendedKeyUsage=clientAuth\n", serial=2
-        )
-        _, self.other_ca = make_ca(directory, "other-ca")
-
-    def server_tls(self, **extra: Any) -> dict[str, Any]:
-        return {"cert": str(self.server), "key": str(self.server_key), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +310,26 @@ def test_tls_admin_api_serves_https_to_clients_that_trust_the_ca(start_agent, pk
         )
     with pytest.raises(httpx.TransportError):
         httpx.get(harness.api_url + "/healthz")  # plaintext HTTP to a TLS port
+
+
+def test_the_raw_grpc_example_reads_its_token_from_a_file_or_the_environment(
+    start_agent: Callable[..., Any], tmp_path: Path
+) -> None:
+    """examples/submit.py, the "any gRPC client" example, against an agent that wants a token."""
+    from conftest import subprocess_env
+
+    harness = start_agent(ingest={"token": TOKEN})
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    script = str(Path(__file__).resolve().parent.parent / "examples" / "submit.py")
+    base = [sys.executable, script, "--target", harness.ingest_target, "--rows", "20"]
+    by_file = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True,
+                             text=True, timeout=60, env=subprocess_env())  # fmt: skip
+    assert by_file.returncode == 0, by_file.stderr[-2000:]
+    assert "predictions: accepted=20" in by_file.stdout
+    assert TOKEN not in by_file.stdout + by_file.stderr
+    by_env = subprocess.run(base, capture_output=True, text=True, timeout=60,
+                            env=subprocess_env(MLSIDECAR_TOKEN=TOKEN))  # fmt: skip
+    assert by_env.returncode == 0, by_env.stderr[-2000:]
+    without = subprocess.run(base, capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert without.returncode != 0 and "UNAUTHENTICATED" in without.stderr

@@ -28,6 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import free_port, mlsidecar_command, subprocess_env
+from tls import self_signed
 
 from agent.cli import build_parser
 
@@ -751,12 +752,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What the kubernetes.io/tls Secret would hold: a self-signed tls.crt and tls.key."""
     directory = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", "tls.key", "-out", "tls.crt", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        cwd=directory, check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    self_signed(directory, "127.0.0.1", "IP:127.0.0.1")
     return directory
 
 

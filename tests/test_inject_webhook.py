@@ -38,6 +38,7 @@ from test_helm_chart import (
     render,
     wait_ready,
 )
+from tls import self_signed
 
 from agent.inject import SidecarTemplate, pod_patch
 
@@ -49,12 +50,7 @@ BASE_DEPLOYMENT = ROOT / "examples" / "kubernetes" / "kustomize" / "deployment.y
 def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The webhook's serving certificate (self-signed, for 127.0.0.1) and its CA bundle."""
     directory = tmp_path_factory.mktemp("injector-tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", "tls.key", "-out", "tls.crt", "-days", "2", "-subj", "/CN=injector",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:fraud-mlsidecar-injector.ml.svc"],
-        cwd=directory, check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    self_signed(directory, "injector", "IP:127.0.0.1,DNS:fraud-mlsidecar-injector.ml.svc")
     return directory
 
 

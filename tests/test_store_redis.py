@@ -219,6 +219,10 @@ def test_a_batch_of_ten_thousand_rows_is_stored_and_taken_in_one_call_each(
     assert joined.scores.tolist() == scores[::-1].tolist()
     assert joined.labels == [f"label-{i % 7}" for i in range(9_999, -1, -1)]
     assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 2  # one round trip each
+    # The take's claim is acknowledged with the store's next call (here the expire sweep).
+    assert client.zcard("mlsidecar:claims") == 1
+    store.expire(NOW)
+    assert client.zcard("mlsidecar:claims") == 0
 
 
 def test_a_duplicate_id_from_another_replica_replaces_the_older_prediction(

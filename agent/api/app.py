@@ -42,6 +42,32 @@ log = logging.getLogger(__name__)
 
 HTTP_STATUS = {RejectCode.INVALID: 400, RejectCode.BUSY: 429, RejectCode.UNAVAILABLE: 503}
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Seconds a client refused for too many HTTP ingest bodies in flight should wait.
+RETRY_AFTER_S = 1
+
+
+class IngestSlots:
+    """At most ``limit`` HTTP ingest requests at once (event-loop only, so no lock).
+
+    slots = IngestSlots(8)
+    if not slots.acquire(): refuse()     # 429 before reading the body
+    try: ... finally: slots.release()
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"api.max_ingest_in_flight must be at least 1, got {limit}")
+        self.limit = limit
+        self.in_flight = 0
+
+    def acquire(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
 
 
 async def read_bounded(request: Request, limit: int, refuse: Callable[[int], None]) -> bytes:
@@ -127,9 +153,11 @@ def build_app(
 
     @app.get("/readyz", tags=["agent"])
     async def readyz() -> JSONResponse:
-        """Readiness: gRPC ingest is serving and telemetry exporters are configured."""
+        """Readiness: gRPC ingest is serving and telemetry exporters are configured (or
+        telemetry is off on purpose: ``telemetry_disabled``, from OTEL_SDK_DISABLED=true)."""
         checks = readiness()
-        ready = all(checks.values())
+        waived = {"telemetry_configured"} if checks.get("telemetry_disabled") else set()
+        ready = all(ok for name, ok in checks.items() if name not in waived)
         return JSONResponse(
             {"status": "ready" if ready else "not ready", "checks": checks},
             status_code=200 if ready else 503,
@@ -229,8 +257,30 @@ def build_app(
             return _error(400, "INVALID_ARGUMENT", error.reason, error.message)
         return JSONResponse(uploaded.to_dict())
 
+    ingest_slots = IngestSlots(settings.max_ingest_in_flight)
+
     async def ingest(request: Request, message_type: type[Message], accept: Any) -> JSONResponse:
         method = "http:" + request.url.path
+        if not ingest_slots.acquire():
+            # Refused before the body is read: a flood of large bodies cannot pile up.
+            busy = Rejected(
+                "too_many_in_flight",
+                f"{ingest_slots.limit} HTTP ingest bodies are already being read or processed "
+                "(api.max_ingest_in_flight); retry after Retry-After seconds, or send over gRPC",
+                RejectCode.BUSY,
+            )
+            receiver.reject(method, busy)
+            response = _error(HTTP_STATUS[busy.code], busy.code.value, busy.reason, busy.message)
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
+        try:
+            return await ingest_admitted(request, message_type, accept, method)
+        finally:
+            ingest_slots.release()
+
+    async def ingest_admitted(
+        request: Request, message_type: type[Message], accept: Any, method: str
+    ) -> JSONResponse:
         try:
             body = await read_bounded(
                 request,

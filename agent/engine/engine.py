@@ -110,12 +110,22 @@ class Engine:
 
     def observe_outcomes(self, cols: OutcomeColumns) -> None:
         with self._lock:
-            version = cols.version
-            if not version:
-                # Outcomes often carry no version: count them with the model's latest one
-                # rather than inventing a "" version (their joins go by the prediction's).
-                version = self._latest_version.get(cols.model, "")
-            self._state(cols.model, version, cols.received_unix_nano).observe_outcomes(cols)
+            self._outcome_state(cols).observe_outcomes(cols)
+
+    def admit_outcomes(self, cols: OutcomeColumns) -> None:
+        """Raise ``ModelLimitError`` now if counting ``cols`` would need a model version past
+        the limit; counts nothing. Ingest calls it before the join and counts after it, so a
+        batch refused by the pending store and sent again is counted once."""
+        with self._lock:
+            self._outcome_state(cols)
+
+    def _outcome_state(self, cols: OutcomeColumns) -> ModelState:
+        version = cols.version
+        if not version:
+            # Outcomes often carry no version: count them with the model's latest one
+            # rather than inventing a "" version (their joins go by the prediction's).
+            version = self._latest_version.get(cols.model, "")
+        return self._state(cols.model, version, cols.received_unix_nano)
 
     def models(self) -> list[dict[str, object]]:
         with self._lock:

@@ -259,10 +259,12 @@ class EventReceiver:
                 rows = cols.rows
             else:
                 outcomes = decode_outcomes(batch, self._limits, received_unix_nano=now)
-                self._engine.observe_outcomes(outcomes)
+                # Counted after the join: a batch the store refuses (UNAVAILABLE) comes back.
+                self._engine.admit_outcomes(outcomes)
                 if joiner is not None:
                     joined = await joiner.join(outcomes)
                     links = prediction_links(traced_predictions(joined))
+                self._engine.observe_outcomes(outcomes)
                 rows = outcomes.rows
         except ModelLimitError as error:
             raise Rejected("too_many_models", str(error)) from None

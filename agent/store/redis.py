@@ -8,9 +8,13 @@ whichever replica each of them reached.
 
 Every call is one Lua script (one round trip, atomic in Redis): a put stores a whole batch,
 a take removes and returns what it finds, so two replicas taking the same id cannot both
-join it. Per prediction, a hash field ``id -> batch key + packed outputs`` (no feature
-values); what a batch's rows share (version, receipt time, weight, class names, segment
-attributes) once per batch. Key layout, TTL and counts: docs/store.md ("Redis backend").
+join it. A take is two-phase: it keeps what it took under a claim id made by the agent
+until the next call acknowledges it, so a take whose reply is lost gives its rows back
+instead of losing those joins (docs/store.md, "Takes are two-phase").
+
+Per prediction, a hash field ``id -> batch key + packed outputs`` (no feature values); what
+a batch's rows share (version, receipt time, weight, class names, segment attributes) once
+per batch. Key layout, TTL and counts: docs/store.md ("Redis backend").
 
 Semantics are those of ``SqlitePendingPredictions`` (tests run the same scenarios on both):
 a duplicate id replaces the older prediction, ``expire`` counts expired and evicted rows as
@@ -30,6 +34,7 @@ import math
 import threading
 import types
 import urllib.parse
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -68,6 +73,9 @@ DEFAULT_KEY_PREFIX = "mlsidecar"
 MIN_SAFETY_MARGIN_S = 86400.0
 # Batches dropped per expire script: keeps each script (which blocks Redis) short.
 EXPIRE_BATCHES_PER_CALL = 32
+# A take's claim not settled within this long is given back to pending by any replica's
+# expire sweep: its agent never got the rows (or died before it could say so).
+DEFAULT_CLAIM_TIMEOUT_S = 60.0
 MIN_REDIS = (7, 0)
 
 # A stored row: batch key (16 hex digits), then this head, then probabilities (8 bytes per
@@ -94,6 +102,7 @@ class RedisUnavailableError(StoreError, ConnectionError):
 _PRELUDE = """
 local P = ARGV[1]
 local CHUNK = 1000  -- ids per HMGET/HSET/HDEL: unpack() is bounded by the Lua C stack
+local CLAIM_ID_CHARS = 32  -- a take's claim id: 32 hex digits, made by the agent
 
 local function mkey(model, what) return P .. ':m:' .. model .. ':' .. what end
 
@@ -197,6 +206,86 @@ end
 
 local function unmatched_field(model, version) return #model .. ':' .. model .. version end
 
+-- Milliseconds by the Redis server's clock: every replica ages claims by the same clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Settle a take's claim (key P:claim:<id>), whose rows the take removed as a take always did
+-- (no longer pending). 'acked': the taker has them, drop the claim. 'cancelled': it never
+-- got them, so each row goes back to pending (its batch re-created if the take emptied it),
+-- unless the id was re-sent since (the newer prediction stands, as after a put); forget
+-- deletes its model's claims. A cancelled claim leaves a tombstone for tomb_ms, so that a
+-- late copy of its take script (still on its way when the taker gave up) takes nothing.
+-- Returns the model whose rows came back, if any.
+local function settle(id, how, tomb_ms, keep_ms)
+  local claim = P .. ':claim:' .. id
+  redis.call('ZREM', P .. ':claims', id)
+  local state = redis.call('HGET', claim, 'state')
+  if how == 'acked' then
+    if state == 'open' then redis.call('DEL', claim) end
+    return nil  -- (an acknowledgement may be resent after a lost reply: then no claim)
+  end
+  if state and state ~= 'open' then return nil end
+  redis.call('HSET', claim, 'state', how)  -- a tombstone too when the take never ran
+  if not state then
+    redis.call('PEXPIRE', claim, tomb_ms)
+    return nil
+  end
+  local r = redis.call('HMGET', claim, 'model', 'mask', 'found', 'ends', 'id_ends', 'id_text',
+                       'meta_keys', 'meta_ends', 'metas')
+  redis.call('HDEL', claim, 'model', 'mask', 'found', 'ends', 'id_ends', 'id_text', 'meta_keys',
+             'meta_ends', 'metas', 'at')
+  redis.call('PEXPIRE', claim, tomb_ms)
+  local model = r[1]
+  local metas, listed = {}, unpack_strings(r[8], r[9])
+  for i = 1, #listed do metas[string.sub(r[7], 16 * i - 15, 16 * i)] = listed[i] end
+  local ids_key = mkey(model, 'ids')
+  local wanted, values, mask, j = unpack_strings(r[5], r[6]), unpack_strings(r[4], r[3]), r[2], 0
+  local back, order = {}, {}
+  for k = 1, #mask do
+    if string.byte(mask, k) == 49 then  -- '1'
+      j = j + 1
+      local value = values[j]
+      if redis.call('HSETNX', ids_key, wanted[k], value) == 1 then
+        local bk = string.sub(value, 1, 16)
+        if not back[bk] then
+          back[bk] = {}
+          order[#order + 1] = bk
+        end
+        back[bk][#back[bk] + 1] = wanted[k]
+      end
+    end
+  end
+  for _, bk in ipairs(order) do
+    local ids, version = back[bk], batch_version(model, bk)
+    if version then
+      redis.call('HINCRBY', mkey(model, 'left'), bk, #ids)
+    else  -- the take emptied the batch: re-create it with the rows given back
+      local meta = metas[bk]
+      version = cjson.decode(string.sub(meta, 21)).version
+      local ends, total = {}, 0
+      for i = 1, #ids do
+        total = total + #ids[i]
+        ends[i] = total
+      end
+      redis.call('HSET', mkey(model, 'meta'), bk, meta)
+      redis.call('HSET', mkey(model, 'version'), bk, version)
+      redis.call('HSET', mkey(model, 'rows'), bk,
+                 struct.pack('<I4', #ids) .. pack_ends(ends) .. table.concat(ids))
+      redis.call('HSET', mkey(model, 'left'), bk, #ids)
+      redis.call('ZADD', P .. ':batches', string.sub(meta, 1, 20), bk .. model)
+      redis.call('SADD', P .. ':models', model)
+    end
+    add_pending(model, version, #ids)
+  end
+  for _, what in ipairs({'ids', 'meta', 'version', 'rows', 'left', 'pending'}) do
+    redis.call('PEXPIRE', mkey(model, what), keep_ms)
+  end
+  return model
+end
+
 local function counts(models)
   local out = {}
   for model in pairs(models) do
@@ -271,15 +360,36 @@ end
 return {bk, replaced, evicted, redis.call('ZCARD', P .. ':batches'), counts(touched)}
 """
 
-# ARGV: prefix, schema, model, ids (uint32 ends, bytes). Returns a mask ("1" = found, per
-# id), the found rows concatenated and their uint32 ends, the meta of every batch a row came
-# from (batch key, JSON, ...), the number of batches, and the model's pending counts.
+# ARGV: prefix, schema, model, claim id, ids (uint32 ends, bytes), key TTL ms, the claim
+# ids of earlier takes to acknowledge (joined; sent with this call rather than in a round
+# trip of their own), tombstone ms. Returns a
+# mask ("1" = found, per id), the found rows concatenated and their uint32 ends, the meta of
+# every batch a row came from (batch key, JSON, ...), the number of batches, and the model's
+# pending counts. Two-phase: the found rows leave the ids hash (no other take gets them) for
+# the claim P:claim:<claim id>, which keeps this reply; they stay counted pending until the
+# claim is settled (``settle``). A retry with the same claim id gets the same reply.
 _TAKE = """
 local bad = schema_mismatch()
 if bad then return redis.error_reply('MLSIDECAR_SCHEMA ' .. bad) end
-local model = ARGV[3]
+local model, claim_id = ARGV[3], ARGV[4]
+local claim = P .. ':claim:' .. claim_id
+local touched = {[model] = true}  -- whose pending counts the reply carries
+local acks = ARGV[8]
+for at = 1, #acks, CLAIM_ID_CHARS do
+  settle(string.sub(acks, at, at + CLAIM_ID_CHARS - 1), 'acked')
+end
+local state = redis.call('HGET', claim, 'state')
+if state == 'open' then  -- the retry of a take whose reply was lost: the same rows again
+  local r = redis.call('HMGET', claim, 'mask', 'found', 'ends', 'meta_keys', 'meta_ends', 'metas')
+  return {r[1], r[2], r[3], r[4], r[5], r[6], redis.call('ZCARD', P .. ':batches'),
+          counts(touched)}
+end
 local ids_key = mkey(model, 'ids')
-local wanted = unpack_strings(ARGV[4], ARGV[5])
+local wanted = unpack_strings(ARGV[5], ARGV[6])
+if state then  -- settled (cancelled) before this late copy ran: it takes nothing
+  return {string.rep('0', #wanted), '', '', '', '', '', redis.call('ZCARD', P .. ':batches'),
+          counts(touched)}
+end
 local rows, seen, taken, order = {}, {}, {}, {}
 for lo = 1, #wanted, CHUNK do
   local fields = slice(wanted, lo, lo + CHUNK - 1)
@@ -305,7 +415,7 @@ for lo = 1, #wanted, CHUNK do
   end
   if #hits > 0 then redis.call('HDEL', ids_key, unpack(hits)) end
 end
-local meta_keys, meta_ends, metas = {}, {}, {}
+local meta_keys, meta_ends, metas, claimed = {}, {}, {}, false
 for _, bk in ipairs(order) do
   local meta = redis.call('HGET', mkey(model, 'meta'), bk)
   if meta then
@@ -313,6 +423,7 @@ for _, bk in ipairs(order) do
     metas[#metas + 1] = meta
     meta_ends[#meta_ends + 1] = (meta_ends[#meta_ends] or 0) + #meta
     release(model, bk, #taken[bk])
+    claimed = true
   else  -- a row whose batch is gone (dropped by the safety expiry): not a prediction
     for _, k in ipairs(taken[bk]) do rows[k] = false end
   end
@@ -329,18 +440,51 @@ for k = 1, #wanted do
     mask[k] = '0'
   end
 end
-return {table.concat(mask), table.concat(found), pack_ends(ends), table.concat(meta_keys),
-        pack_ends(meta_ends), table.concat(metas), redis.call('ZCARD', P .. ':batches'),
-        counts({[model] = true})}
+local reply = {table.concat(mask), table.concat(found), pack_ends(ends), table.concat(meta_keys),
+               pack_ends(meta_ends), table.concat(metas)}
+if claimed then
+  local at = now_ms()
+  redis.call('HSET', claim, 'state', 'open', 'model', model, 'at', at, 'mask', reply[1],
+             'found', reply[2], 'ends', reply[3], 'meta_keys', reply[4], 'meta_ends', reply[5],
+             'metas', reply[6], 'id_ends', ARGV[5], 'id_text', ARGV[6])
+  redis.call('PEXPIRE', claim, tonumber(ARGV[7]))
+  redis.call('ZADD', P .. ':claims', at, claim_id)
+  redis.call('PEXPIRE', P .. ':claims', tonumber(ARGV[7]))
+end
+reply[7] = redis.call('ZCARD', P .. ':batches')
+reply[8] = counts(touched)
+return reply
 """
 
-# ARGV: prefix, schema, cutoff (received ns; batches received before it expire), limit.
-# Returns expired (model, version, rows) triples, whether the sweep is done, and once done
-# the rows evicted since the last sweep (field, rows) and every model's pending counts.
+# ARGV: prefix, schema, acked claim ids, cancelled claim ids (32 characters each, joined),
+# tombstone ms, key TTL ms. Returns the pending counts of the models the claims touched, and
+# the number of batches.
+_SETTLE = """
+local bad = schema_mismatch()
+if bad then return redis.error_reply('MLSIDECAR_SCHEMA ' .. bad) end
+local touched, tomb_ms, keep_ms = {}, tonumber(ARGV[5]), tonumber(ARGV[6])
+for i, how in ipairs({'acked', 'cancelled'}) do
+  local ids = ARGV[2 + i]
+  for at = 1, #ids, CLAIM_ID_CHARS do
+    local model = settle(string.sub(ids, at, at + CLAIM_ID_CHARS - 1), how, tomb_ms, keep_ms)
+    if model then touched[model] = true end
+  end
+end
+return {counts(touched), redis.call('ZCARD', P .. ':batches')}
+"""
+
+# ARGV: prefix, schema, cutoff (received ns; batches received before it expire), limit,
+# claim timeout ms, key TTL ms. Returns expired (model, version, rows) triples, whether the
+# sweep is done, and once done the rows evicted since the last sweep (field, rows) and every
+# model's pending counts; last, the claims recovered: takes never settled within the claim
+# timeout (their agent lost the reply and stopped, or died) give their rows back to pending.
 _EXPIRE = """
 local bad = schema_mismatch()
 if bad then return redis.error_reply('MLSIDECAR_SCHEMA ' .. bad) end
-local limit = tonumber(ARGV[4])
+local limit, claim_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local stale = redis.call('ZRANGEBYSCORE', P .. ':claims', '-inf', now_ms() - claim_ms,
+                         'LIMIT', 0, limit)
+for _, id in ipairs(stale) do settle(id, 'cancelled', claim_ms, tonumber(ARGV[6])) end
 local victims = redis.call('ZRANGEBYSCORE', P .. ':batches', '-inf', '(' .. ARGV[3], 'LIMIT', 0, limit)
 local expired = {}
 for _, member in ipairs(victims) do
@@ -352,7 +496,7 @@ for _, member in ipairs(victims) do
     expired[#expired + 1] = left
   end
 end
-if #victims >= limit then return {expired, 0, {}, 0, {}} end
+if #victims >= limit then return {expired, 0, {}, 0, {}, #stale} end
 local unmatched = redis.call('HGETALL', P .. ':unmatched')
 redis.call('DEL', P .. ':unmatched')
 local all, total = {}, 0
@@ -365,7 +509,7 @@ end
 -- Recounted from the per-model counts: repairs the total should the safety expiry have
 -- dropped a model's keys.
 redis.call('SET', P .. ':total', total, 'KEEPTTL')
-return {expired, 1, unmatched, redis.call('ZCARD', P .. ':batches'), all}
+return {expired, 1, unmatched, redis.call('ZCARD', P .. ':batches'), all, #stale}
 """
 
 # ARGV: prefix, schema, model. Returns the rows dropped and the number of batches left.
@@ -383,6 +527,14 @@ for _, what in ipairs({'ids', 'meta', 'version', 'rows', 'left', 'pending'}) do
 end
 redis.call('DECRBY', P .. ':total', n)
 redis.call('SREM', P .. ':models', model)
+-- Its takes' open claims go too (few: those not yet acknowledged), so that none is given
+-- back later; an acknowledgement or a give-back then finds nothing to do.
+for _, id in ipairs(redis.call('ZRANGE', P .. ':claims', 0, -1)) do
+  if redis.call('HGET', P .. ':claim:' .. id, 'model') == model then
+    redis.call('DEL', P .. ':claim:' .. id)
+    redis.call('ZREM', P .. ':claims', id)
+  end
+end
 local prefix = unmatched_field(model, '')
 for _, field in ipairs(redis.call('HKEYS', P .. ':unmatched')) do
   if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', P .. ':unmatched', field) end
@@ -529,7 +681,10 @@ class RedisPendingPredictions:
     store.put(batch); joined = store.take("churn", ids); unmatched = store.expire(now)
 
     Every replica of a deployment points at the same URL and ``key_prefix`` (and should
-    share ``ttl_s`` and ``max_pending``: they apply to the store as a whole). Calls may
+    share ``ttl_s`` and ``max_pending``: they apply to the store as a whole). A take's claim
+    not acknowledged within ``claim_timeout_s`` (longer than the gap between this store's
+    calls: the agent's expire sweep runs every ``store.expire_interval_s``) is given back
+    to pending by any replica's ``expire``. Calls may
     come from any thread; ``GroupCommitPendingPredictions`` runs them on its writer thread
     like the SQLite store's. ``pending_count`` and ``stats`` read counts cached from the
     last call (every ``expire`` refreshes all models), so they cost no round trip.
@@ -547,6 +702,7 @@ class RedisPendingPredictions:
         ttl_s: float = DEFAULT_TTL_S,
         max_pending: int = DEFAULT_MAX_PENDING,
         timeout_s: float = 2.0,
+        claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S,
     ) -> None:
         if not (ttl_s > 0 and math.isfinite(ttl_s)):
             raise ValueError(f"ttl_s must be a positive number of seconds, got {ttl_s}")
@@ -556,6 +712,11 @@ class RedisPendingPredictions:
             raise ValueError("key_prefix must not be empty")
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s}")
+        if not (claim_timeout_s > timeout_s and math.isfinite(claim_timeout_s)):
+            raise ValueError(
+                f"claim_timeout_s must be longer than timeout_s ({timeout_s}), "
+                f"got {claim_timeout_s}"
+            )
         self.path = describe_url(url)
         self.key_prefix = key_prefix
         self.ttl_ns = int(ttl_s * 1e9)
@@ -567,6 +728,14 @@ class RedisPendingPredictions:
         self._evicted_total = 0
         self._expired_total = 0
         self._replaced_total = 0
+        self._claim_ms = int(claim_timeout_s * 1000)
+        # Claims of takes whose rows this store returned (to acknowledge) or never got (to
+        # give back), not yet settled in Redis because the call failed: sent with the next.
+        self._claims_lock = threading.Lock()
+        self._unacked: list[str] = []
+        self._unreturned: list[str] = []
+        # Claims other agents left unsettled that this store's expire gave back (a total).
+        self.recovered_claims = 0
         self._closed = False
         try:
             self._client = redis.Redis.from_url(
@@ -586,6 +755,7 @@ class RedisPendingPredictions:
         self._take = self._client.register_script(_script(_TAKE, "allow-oom"))
         self._expire = self._client.register_script(_script(_EXPIRE, "allow-oom"))
         self._forget = self._client.register_script(_script(_FORGET, "allow-oom"))
+        self._settle = self._client.register_script(_script(_SETTLE, "allow-oom"))
         self._counts = self._client.register_script(_script(_COUNTS, "no-writes"))
         try:
             self._open()
@@ -607,7 +777,8 @@ class RedisPendingPredictions:
             if found != str(SCHEMA_VERSION).encode():
                 raise self._schema_error(found)
             # Loaded now so that a server that cannot run them fails the open, not a put.
-            for script in (self._put, self._take, self._expire, self._forget, self._counts):
+            scripts = (self._put, self._take, self._settle, self._expire, self._forget)
+            for script in (*scripts, self._counts):
                 self._client.script_load(script.script)
             reply = self._counts(args=[self.key_prefix, SCHEMA_VERSION])
         with self._counts_lock:
@@ -727,24 +898,76 @@ class RedisPendingPredictions:
 
     def take(self, model: str, ids: Sequence[str]) -> JoinedPredictions:
         """Remove and return the pending predictions of ``ids`` (row i answers ids[i]);
-        atomic: of replicas taking the same id at once, exactly one gets it."""
+        atomic: of replicas taking the same id at once, exactly one gets it.
+
+        Two-phase, so that no join is lost when the reply is: the script moves the rows to
+        a claim named by an id made here, and the claim is acknowledged once the rows are
+        decoded (sent with this store's next take or expire: no round trip of its own). A
+        take that fails (timeout, broken connection) leaves its claim to be given back to
+        pending before this store's next take, so the client's retry joins them; should
+        this agent never call again, any replica's ``expire`` gives it back after
+        ``claim_timeout_s``.
+        """
         if len(ids) == 0:
             self._check_open()
             return JoinedPredictions.none_found(model, ids)
-        reply = self._run(
-            self._take,
-            [model, *pack_strings(ids)],
-            f"joining {len(ids)} outcomes of model {model!r}",
-        )
+        if self._unreturned:
+            self._settle_claims()  # give back what failed takes claimed, before retaking
+        claim = uuid.uuid4().hex
+        doing = f"joining {len(ids)} outcomes of model {model!r}"
+        with self._claims_lock:
+            acks, self._unacked = self._unacked, []
+        try:
+            # redis-py's own retry on a broken connection resends the same claim id: safe.
+            reply = self._run(
+                self._take,
+                [model, claim, *pack_strings(ids), self._keep_ms, "".join(acks)],
+                doing,
+            )
+        except BaseException as error:
+            with self._claims_lock:
+                self._unacked[:0] = acks  # resent later: acknowledging twice is harmless
+                if isinstance(error, RedisUnavailableError):
+                    self._unreturned.append(claim)
+            raise
         self._update_counts(reply[7], int(reply[6]))
         try:
-            return _assemble(model, ids, *reply[:6])
+            joined = _assemble(model, ids, *reply[:6])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            self._acknowledge(claim)  # unreadable rows are not given back to fail again
             raise CorruptStoreError(
                 self.path,
                 f"a stored prediction of model {model!r} is unreadable ({error}); were keys "
                 f"under prefix {self.key_prefix!r} written by another program?",
             ) from error
+        if joined.joined:
+            self._acknowledge(claim)
+        return joined
+
+    def _acknowledge(self, claim: str) -> None:
+        """The rows of ``claim`` are ours: acknowledged by the next take or expire."""
+        with self._claims_lock:
+            self._unacked.append(claim)
+
+    def _settle_claims(self) -> None:
+        """Send the claims left to acknowledge or give back (one round trip, when any)."""
+        with self._claims_lock:
+            acked, self._unacked = self._unacked, []
+            cancelled, self._unreturned = self._unreturned, []
+        if not acked and not cancelled:
+            return
+        try:
+            reply = self._run(
+                self._settle,
+                ["".join(acked), "".join(cancelled), self._claim_ms, self._keep_ms],
+                f"settling {len(acked) + len(cancelled)} outcome joins",
+            )
+        except BaseException:
+            with self._claims_lock:
+                self._unacked[:0] = acked
+                self._unreturned[:0] = cancelled
+            raise
+        self._update_counts(reply[0], int(reply[1]))
 
     def expire(self, now_unix_nano: int) -> dict[ModelVersion, int]:
         """Drop batches received more than the TTL ago; return unmatched counts: those rows
@@ -753,12 +976,14 @@ class RedisPendingPredictions:
         cutoff = int(now_unix_nano) - self.ttl_ns
         unmatched: dict[ModelVersion, int] = {}
         expired = 0
+        self._settle_claims()
         while True:
             reply = self._run(
                 self._expire,
-                [cutoff, EXPIRE_BATCHES_PER_CALL],
+                [cutoff, EXPIRE_BATCHES_PER_CALL, self._claim_ms, self._keep_ms],
                 "expiring predictions past the TTL",
             )
+            self.recovered_claims += int(reply[5])
             triples = reply[0]
             for i in range(0, len(triples), 3):
                 key = (triples[i].decode(), triples[i + 1].decode())
@@ -817,6 +1042,9 @@ class RedisPendingPredictions:
         """Close the connections (idempotent); the data stays in Redis."""
         if self._closed:
             return
+        # Best effort: what stays unsettled is given back after claim_timeout_s anyway.
+        with contextlib.suppress(StoreError):
+            self._settle_claims()
         self._closed = True
         self._client.close()
 

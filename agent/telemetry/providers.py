@@ -91,8 +91,14 @@ def otlp_endpoint(settings: TelemetrySettings, signal: str) -> str | None:
     return f"{base.rstrip('/')}/v1/{signal}"
 
 
+def sdk_disabled() -> bool:
+    """OTEL_SDK_DISABLED=true: the SDK's providers hand out no-op meters, tracers and loggers
+    (as the specification says), so nothing is recorded or exported, /metrics included."""
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
 def otlp_enabled(settings: TelemetrySettings, signal: str) -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if sdk_disabled():
         return False
     if os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").lower() == "none":
         return False
@@ -188,6 +194,13 @@ class Telemetry:
         log_exporter: LogRecordExporter | None = None,
     ) -> None:
         self.settings = settings
+        # Read once, as the providers below read it once when they are built.
+        self.disabled = sdk_disabled()
+        if self.disabled:
+            log.warning(
+                "OTEL_SDK_DISABLED=true: OpenTelemetry is off, so no metrics (OTLP or /metrics), "
+                "traces or logs are produced; ingest, health reports and alerts still work"
+            )
         self.resource = build_resource(settings)
         self.engine_metrics = EngineMetricsProducer(engine, self.resource, clock)
         self.exporting: list[str] = []
@@ -241,11 +254,20 @@ class Telemetry:
             self.log_handler = LoggingHandler(logger_provider=self.logger_provider)
             self.log_handler.addFilter(_exported_through_the_bridge)
             self.exporting.append("otlp-logs")
+        if self.disabled:  # the paths exist, but the no-op SDK feeds them nothing
+            self.exporting = []
 
     @property
     def configured(self) -> bool:
-        """True when at least one metrics path (OTLP push or Prometheus pull) exists."""
-        return bool(self.metric_readers)
+        """True when at least one metrics path (OTLP push or Prometheus pull) exists and the
+        SDK is on: with OTEL_SDK_DISABLED=true the readers exist but never get a point."""
+        return bool(self.metric_readers) and not self.disabled
+
+    def describe(self) -> str:
+        """What is exported, for the start-up log: "otlp-metrics,prometheus", "nothing"."""
+        if self.disabled:
+            return "nothing (OTEL_SDK_DISABLED=true)"
+        return ",".join(self.exporting) or "nothing"
 
     def force_flush(self, timeout_millis: int = 5_000) -> None:
         self.tracer_provider.force_flush(timeout_millis)

@@ -137,6 +137,10 @@ livenessProbe:
 {{- $a := .Values.agent -}}
 - name: MLSIDECAR_CONFIG
   value: /etc/mlsidecar/mlsidecar.yaml
+# glibc malloc: 2 arenas instead of up to 8 per core (one per busy thread) keep the peak RSS
+# off the 200 MB bound (bench/README.md, "Memory benchmark"); as the image sets it too.
+- name: MALLOC_ARENA_MAX
+  value: "2"
 - name: K8S_POD_NAME
   valueFrom:
     fieldRef:
