@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.ingest_connection import (
+    TOKEN_ENV,
+    IngestConnection,
+    add_connection_arguments,
+    explain_connect_failure,
+    ingest_connection,
+    quiet_grpc_core_logs,
+)
+
 RESERVED = {
     "kind", "id", "model", "version", "timestamp", "score", "label", "value", "latency_ms",
     "probabilities", "attributes", "features", "trace_id", "span_id",
@@ -346,17 +355,17 @@ class AgentUnreachable(Exception):
 class Sender:
     """Sends groups of rows; bisects rejected batches down to the bad rows."""
 
-    def __init__(self, target: str, token: str | None, timeout: float) -> None:
+    def __init__(self, connection: IngestConnection, timeout: float) -> None:
         import grpc
 
         from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
 
         self._grpc = grpc
-        self.target = target
-        self.channel = grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-        )
+        self.connection = connection
+        self.target = connection.target
+        self.channel = connection.channel([("grpc.max_send_message_length", 64 * 1024 * 1024)])
         self.stub = pb_grpc.IngestStub(self.channel)
+        token = connection.token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self.accepted: Counter[str] = Counter()
@@ -367,8 +376,19 @@ class Sender:
             self._grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except self._grpc.FutureTimeoutError:
             raise AgentUnreachable(
-                f"no agent answering at {self.target} (gRPC ingest) within {timeout:g}s"
+                f"no agent answering at {self.target} (gRPC ingest, "
+                f"{self.connection.protection()}) within {timeout:g}s: {self._why_not_ready()}"
             ) from None
+
+    def _why_not_ready(self) -> str:
+        """The last connection error, from one call of the health service (which needs no
+        token), explained: a wrong CA, TLS against plaintext, a missing client certificate."""
+        check = self.channel.unary_unary("/grpc.health.v1.Health/Check")
+        try:
+            check(b"", timeout=1.0)  # an empty HealthCheckRequest: raw bytes, no stub needed
+        except self._grpc.RpcError as error:
+            return explain_connect_failure(error.details() or error.code().name, self.connection)
+        return "it answered only now"
 
     def _call(self, rows: list[Row]) -> Any:
         grpc = self._grpc
@@ -405,8 +425,13 @@ class Sender:
             self._call(rows)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                hint = (
+                    "the token given is not its ingest.token"
+                    if self.connection.token
+                    else f"give its ingest.token with --token-file PATH or {TOKEN_ENV}"
+                )
                 raise AgentUnreachable(
-                    f"the agent at {self.target} refused the token: {error.details()}"
+                    f"the agent at {self.target} refused the call ({error.details()}): {hint}"
                 ) from None
             if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise AgentUnreachable(
@@ -478,8 +503,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", metavar="HOST:PORT",
                         help="agent gRPC ingest (default: ingest.listen of --config, else "
                              "127.0.0.1:4320)")  # fmt: skip
-    parser.add_argument("--config", "-c", type=Path, help="agent config: target and token")
-    parser.add_argument("--token", help="ingest bearer token (default: ingest.token of --config)")
+    parser.add_argument("--config", "-c", type=Path,
+                        help="agent config: target, ingest.token, TLS when ingest.tls is set")  # fmt: skip
     parser.add_argument("--model", help="model for rows without one")
     parser.add_argument("--version", default="", help="model version for rows without one")
     parser.add_argument("--kind", choices=["prediction", "outcome"],
@@ -488,10 +513,13 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rejected", type=Path,
                         help="where rejected rows go (default: FILE.rejected.jsonl)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    add_connection_arguments(parser)
 
 
-def _settings_target(args: argparse.Namespace) -> tuple[str, str | None]:
-    target, token = args.target, args.token
+def _connection(args: argparse.Namespace) -> IngestConnection:
+    """Target, token and TLS: the options first, then ``--config`` (or the agent's default
+    settings and MLSIDECAR_* variables when no --target is given)."""
+    target, token, tls = args.target, None, False
     if args.config is not None or target is None:
         from agent.cli import load_settings
 
@@ -500,9 +528,13 @@ def _settings_target(args: argparse.Namespace) -> tuple[str, str | None]:
             target = f"{settings.ingest.host}:{settings.ingest.port}"
             if ":" in settings.ingest.host:
                 target = f"[{settings.ingest.host}]:{settings.ingest.port}"
-        if token is None and settings.ingest.token is not None:
+        if settings.ingest.token is not None:
             token = settings.ingest.token.get_secret_value()
-    return str(target), token
+        tls = settings.ingest.tls is not None
+    try:
+        return ingest_connection(args, str(target), fallback_token=token, fallback_tls=tls)
+    except ValueError as error:
+        raise ReplayError(str(error)) from None
 
 
 def replay_file(args: argparse.Namespace) -> int:
@@ -512,10 +544,11 @@ def replay_file(args: argparse.Namespace) -> int:
         raise ReplayError(f"--batch-size: must be ≥ 1, got {args.batch_size}")
     if not args.file.is_file():
         raise ReplayError(f"{str(args.file)!r}: no such file")
-    target, token = _settings_target(args)
+    quiet_grpc_core_logs()
+    connection = _connection(args)
     total = sum(1 for _ in _rows(args.file))  # a cheap first pass, for the progress bar
     rejected_path = args.rejected or args.file.with_name(args.file.name + ".rejected.jsonl")
-    sender = Sender(target, token, args.timeout)
+    sender = Sender(connection, args.timeout)
     progress = Progress(total, sys.stderr)
     invalid: list[tuple[int, dict[str, Any] | None, str, str]] = []  # line, row, field, reason
     seen: dict[tuple[str, str, str, str], int] = {}

@@ -40,7 +40,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+def start(
+    args: list[str], env: dict[str, str], cpus: set[int] | None = None
+) -> subprocess.Popen[str]:
+    """``mlsidecar ARGS``; ``cpus`` pins it (and every thread it starts) to those CPUs."""
     return subprocess.Popen(
         [MLSIDECAR, *args],
         stdout=subprocess.PIPE,
@@ -48,6 +51,7 @@ def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         stdin=subprocess.DEVNULL,
         text=True,
         env=env,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
 
 
@@ -109,7 +113,22 @@ def main() -> None:
         help="fetch features from the demo feature store through the agent's egress proxy, "
         "as in `mlsidecar demo` (default: computed locally, the SDK is the only extra work)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Linux, 2+ CPUs: both model services on CPU 0, the agent and this load generator "
+        "on the others, so the agent's ingest work does not take the model's CPU (as when the "
+        "sidecar has its own CPU request); the SDK's in-process cost is what remains",
+    )
     args = parser.parse_args()
+    model_cpus: set[int] | None = None
+    other_cpus: set[int] | None = None
+    if args.pin:
+        available = sorted(os.sched_getaffinity(0))
+        if len(available) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        model_cpus, other_cpus = {available[0]}, set(available[1:])
+        os.sched_setaffinity(0, other_cpus)
     if args.quick:
         args.rounds, args.requests, args.warmup = 4, 100, 50
 
@@ -130,7 +149,9 @@ def main() -> None:
     store_url: str | None = None
     if args.feature_store:  # as in `mlsidecar demo`: the store behind the agent's egress proxy
         store_port, proxy_port = free_port(), free_port()
-        procs.append(start(["demo-feature-store", "--listen", f"127.0.0.1:{store_port}"], env))
+        procs.append(
+            start(["demo-feature-store", "--listen", f"127.0.0.1:{store_port}"], env, other_cpus)
+        )
         config = Path(data_dir) / "agent.yaml"
         config.write_text(
             json.dumps(
@@ -141,7 +162,7 @@ def main() -> None:
         agent_args += ["--config", str(config)]
         store_url = f"http://127.0.0.1:{proxy_port}/upstream/features"
         wait_http(f"http://127.0.0.1:{store_port}/admin/status")
-    procs.append(start(agent_args, env))
+    procs.append(start(agent_args, env, other_cpus))
     wait_http(f"http://127.0.0.1:{api}/readyz")
     for mode, port in ports.items():
         model_args = [
@@ -153,7 +174,9 @@ def main() -> None:
         ]
         if store_url is not None:
             model_args += ["--feature-store-url", store_url]
-        procs.append(start(model_args + (["--no-sdk"] if mode == "no-sdk" else []), env))
+        procs.append(
+            start(model_args + (["--no-sdk"] if mode == "no-sdk" else []), env, model_cpus)
+        )
     try:
         for port in ports.values():
             wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -171,9 +194,18 @@ def main() -> None:
                 samples[mode].append(
                     round_latencies(client, url, args.requests, args.rows, rng, counter)
                 )
-        time.sleep(1.5)  # let the SDK's last batch reach the agent
-        stats = httpx.get(f"http://127.0.0.1:{ports['sdk']}/stats").json()
-        report = httpx.get(f"http://127.0.0.1:{api}/v1/models/fraud-scorer/health").json()
+        # The SDK sends its last rows on its flush timer (1 s): wait until the agent has
+        # counted everything the SDK says it sent, or 15 s.
+        deadline = time.monotonic() + 15.0
+        while True:
+            stats = httpx.get(f"http://127.0.0.1:{ports['sdk']}/stats").json()
+            report = httpx.get(f"http://127.0.0.1:{api}/v1/models/fraud-scorer/health").json()
+            settled = stats["sdk"]["buffered"] == 0 and stats["sdk"]["sent_predictions"] > 0
+            if settled and report["totals"]["rows"] >= stats["sdk"]["sent_predictions"]:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -182,8 +214,10 @@ def main() -> None:
 
     summary: dict[str, Any] = {"rows_per_request": args.rows, "requests_per_round": args.requests}
     summary["features"] = "feature store via the egress proxy" if store_url else "local"
+    summary["pinned"] = args.pin
     print(f"demo model service (features: {summary['features']}), POST /predict of {args.rows} transactions, one at a time; "
-          f"{args.rounds} rounds x {args.requests} requests per mode, interleaved ABBA")  # fmt: skip
+          f"{args.rounds} rounds x {args.requests} requests per mode, interleaved ABBA"
+          f"{'; models pinned to CPU 0, agent and load elsewhere' if args.pin else ''}")  # fmt: skip
     print(f"{'mode':<8} {'p50 ms':>8} {'p99 ms':>8} {'round p50 min..max':>20} {'spread':>8}")
     for mode, rounds in samples.items():
         everything = np.concatenate(rounds)

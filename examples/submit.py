@@ -1,7 +1,7 @@
 """Send one columnar batch of predictions, then outcomes for some of them, to a running agent.
 
     .venv/bin/mlsidecar run                            # in another terminal: ingest on 127.0.0.1:4320
-    .venv/bin/python examples/submit.py                # --target HOST:PORT, --token TOKEN, --rows N
+    .venv/bin/python examples/submit.py                # --target HOST:PORT, --token-file F, --rows N
 
 Columns are numpy arrays: protobuf packs a float64 array into a repeated double
 field in one step, and the agent decodes it back into an array the same way,
@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -76,10 +77,19 @@ def prediction_batch(rows: int, rng: np.random.Generator) -> pb.PredictionBatch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:4320", help="agent gRPC ingest address")
-    parser.add_argument("--token", help="bearer token, when ingest.token is set")
+    parser.add_argument(
+        "--token-file",
+        help="file holding the bearer token, when ingest.token is set (default: the "
+        "MLSIDECAR_TOKEN variable; never a value on the command line, where ps shows it)",
+    )
     parser.add_argument("--rows", type=int, default=200)
     args = parser.parse_args()
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    token = (
+        Path(args.token_file).read_text().strip()
+        if args.token_file
+        else os.environ.get("MLSIDECAR_TOKEN", "")
+    )
+    metadata = [("authorization", f"Bearer {token}")] if token else []
     rng = np.random.default_rng(7)
 
     with grpc.insecure_channel(args.target) as channel:

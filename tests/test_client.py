@@ -218,6 +218,80 @@ def test_batch_forms_take_numpy_arrays_and_pandas_dataframes(agent, client_for):
     assert client.stats().dropped == {}
 
 
+def test_small_batch_form_calls_are_sent_together_in_few_batches(agent, client_for):
+    """A service logging 20 rows per request must not cost one RPC per request."""
+    client = client_for("coalesced", flush_interval_s=60, batch_rows=500)
+    scores = np.zeros(20)
+    for request in range(50):  # 1000 rows in 50 calls, one reused scores array
+        scores[:] = request / 100
+        client.log_predictions(
+            [f"r{request}-{i}" for i in range(20)],
+            {"amount": np.arange(20.0) + request, "merchant": np.array(["fuel", "travel"] * 10)},
+            scores=scores,
+            labels=np.where(scores > 0.2, "fraud", "legit"),
+            attributes={"region": "eu"},
+        )
+    client.log_predictions(["r0-0"], {"amount": [1.0], "merchant": ["fuel"]})  # an id again
+    assert client.flush(5)
+    stats = client.stats()
+    assert (stats.sent_predictions, stats.dropped) == (1001, {})
+    assert stats.sent_batches <= 4  # 1000 rows in two or three batches, plus the repeat
+    health = report(agent, "coalesced")
+    assert health["totals"]["rows"] == 1001
+    assert health["features"]["merchant"]["type"] == "categorical"
+
+
+def test_pack_columns_concatenates_pieces_exactly_and_keeps_ids_unique():
+    from agent.client._batches import Columns, pack_columns
+
+    def piece(ids: list[str], amounts: list[float], layout: str = "n") -> Columns:
+        key = (
+            "m",
+            "v1",
+            (("region", "eu"),),
+            None,
+            (("amount", layout),),
+            (True, True, False, False),
+        )
+        values = np.array(amounts) if layout == "n" else np.array([str(a) for a in amounts])
+        return Columns(key, ids, 7, [values], np.array(amounts) / 10, [f"l{a}" for a in amounts],
+                       None, None, b"", b"")  # fmt: skip
+
+    pieces = [piece(["a", "b"], [1.0, 2.0]), piece(["c"], [3.0]), piece(["a"], [4.0]),
+              piece(["d"], [5.0], layout="s")]  # fmt: skip
+    batches = [item for item in pack_columns(pieces) if item is not None]
+    assert [rows for rows, _ in batches] == [3, 1, 1]
+    first = batches[0][1]
+    assert list(first.ids) == ["a", "b", "c"]
+    assert list(first.features[0].numbers.values) == [1.0, 2.0, 3.0]
+    assert list(first.scores) == [0.1, 0.2, 0.3]
+    assert list(first.labels) == ["l1.0", "l2.0", "l3.0"]
+    assert list(first.timestamps_unix_nano) == [7, 7, 7]
+    assert dict(first.attributes) == {"region": "eu"}
+    assert list(batches[1][1].ids) == ["a"]  # the repeated id goes to a second batch
+    assert list(batches[2][1].features[0].categories.values) == ["5.0"]  # another layout
+
+
+def test_the_batch_form_copies_the_callers_arrays_before_returning():
+    """The sender packs later, so the call must not keep views of arrays the caller reuses."""
+    from agent.client._batches import pack_columns
+
+    client = SidecarClient("127.0.0.1:9", model="copies", flush_interval_s=3600, batch_rows=10_000)
+    try:
+        amount, scores = np.array([1.0, 2.0]), np.array([0.1, 0.2])
+        labels = np.array(["a", "b"])
+        client.log_predictions(["r1", "r2"], {"amount": amount}, scores=scores, labels=labels)
+        amount[:], scores[:], labels[:] = 9.0, 0.9, "z"  # the caller reuses its buffers
+        pieces = [item.batch for item in client._buffer._items]
+        ((rows, batch),) = [item for item in pack_columns(pieces) if item is not None]
+        assert rows == 2
+        assert list(batch.features[0].numbers.values) == [1.0, 2.0]
+        assert list(batch.scores) == [0.1, 0.2]
+        assert list(batch.labels) == ["a", "b"]
+    finally:
+        client.close(timeout=0)
+
+
 def test_a_batch_form_call_bigger_than_the_buffer_keeps_its_newest_rows(agent, client_for):
     client = client_for("big-call", max_buffer=1000)
     ids = [f"b{i}" for i in range(2500)]
@@ -310,8 +384,29 @@ other.close()  # closing another client leaves this one's exit hook in place
     assert report(agent, "atexit")["totals"]["rows"] == 25
 
 
+def test_an_async_client_never_closed_is_flushed_at_interpreter_exit(agent):
+    script = f"""
+import asyncio
+from agent.client import AsyncSidecarClient
+
+async def main():
+    client = AsyncSidecarClient({agent.ingest_target!r}, model="atexit-async", flush_interval_s=60)
+    for i in range(25):
+        client.log_prediction(f"e{{i}}", {{"x": float(i)}}, score=0.5)
+    client.log_predictions(["b1", "b2"], {{"x": [1.0, 2.0]}})
+    # no flush(), no close(): the loop ends, then the exit hook sends them without it
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert report(agent, "atexit-async")["totals"]["rows"] == 27
+
+
 def test_tls_credentials_and_token_reach_a_guarded_agent(start_agent, tmp_path):
-    from test_grpc_security import Pki
+    from tls import Pki
 
     pki = Pki(tmp_path)
     agent = start_agent(ingest={"tls": pki.server_tls(), "token": "tls-token"})

@@ -300,6 +300,25 @@ def test_the_world_drifts_the_amount_and_a_fraud_ring_breaks_the_models_accuracy
     assert np.mean(predicted == world.truth(healthy, fraud_ring=True)) < 0.6
 
 
+def test_the_new_market_drifts_the_merchant_mix_too_so_half_the_features_drift() -> None:
+    """Amount and merchant both move past the demo's PSI threshold (0.2): with four
+    features the drift share is 0.5 through the drift phases (MLDatasetDrift's >= 0.5)."""
+    from agent.demo.story import DRIFT_PSI
+    from agent.demo.world import MERCHANTS
+    from agent.engine.drift import psi
+
+    world = World(seed=4)
+    healthy = world.transactions(5_000, drifted=False)
+    drifted = world.transactions(5_000, drifted=True)
+
+    def mix(batch: dict[str, Any]) -> np.ndarray:
+        return np.array([np.count_nonzero(batch["merchant"] == m) for m in MERCHANTS])
+
+    assert psi(mix(healthy), mix(drifted)) > 4 * DRIFT_PSI
+    assert psi(mix(healthy), mix(world.transactions(5_000, drifted=False))) < DRIFT_PSI / 10
+    assert np.mean(drifted["merchant"] == "online") > 0.5
+
+
 def test_feature_store_serves_account_ages_and_fails_on_demand() -> None:
     store = FeatureStore()
 
@@ -399,3 +418,193 @@ def test_demo_settings_scale_with_speed_but_leave_what_the_config_sets(tmp_path:
     assert kept.upstream.listen == "127.0.0.1:9999"
     assert kept.models["fraud-scorer"].positive_class == "legit"
     assert demo_settings(Settings.load(None), speed=100).engine.window_s == 1.0  # the floor
+
+
+# -- listen addresses and the agent's token (issue 5) ---------------------------------------
+
+DEMO_TOKEN = "demo-ingest-s3cret"
+
+
+def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [mlsidecar_command(), *args], capture_output=True, text=True, timeout=timeout,
+        env=subprocess_env(**env), stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo-model", "--listen", "0.0.0.0:8080"],
+         "--listen: '0.0.0.0:8080' is not a loopback address and the demo model service has no "
+         "authentication; add --insecure"),
+        (["demo-feature-store", "--listen", "[::]:8090"],
+         "--listen: '[::]:8090' is not a loopback address and the demo feature store"),
+        (["demo-model", "--listen", "nonsense"], "--listen: 'nonsense' is not host:port"),
+        (["demo-model", "--listen", "127.0.0.1:99999"],
+         "--listen: '127.0.0.1:99999' is not host:port"),
+        (["demo-feature-store", "--listen", ":8090"], "--listen: ':8090' has no host"),
+        (["demo", "--model-listen", "0.0.0.0:0"],
+         "--model-listen: '0.0.0.0:0' is not a loopback address"),
+        (["demo-traffic", "--target", "http://127.0.0.1:1", "--sidecar", "nonsense"],
+         "--sidecar: 'nonsense' is not host:port"),
+    ],
+    ids=["model-wildcard", "store-wildcard-v6", "model-nonsense", "model-port-range",
+         "store-no-host", "demo-model-listen", "traffic-sidecar"],
+)  # fmt: skip
+def test_demo_parts_refuse_a_bad_or_exposed_address_in_one_line_naming_the_option(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run_cli(*args, MLSIDECAR_STORE__DATA_DIR=str(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"mlsidecar: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no traceback
+    assert result.stdout == ""
+
+
+def test_demo_model_serves_on_every_interface_only_with_insecure(
+    children: Callable[..., Child],
+) -> None:
+    model = children("demo-model", "--listen", "0.0.0.0:0", "--insecure", "--no-sdk")
+    line = model.wait_for(
+        r"demo model service on (http://127\.0\.0\.1:(\d+)) \(listening on (\S+)\)"
+    )
+    assert line.group(3) == f"0.0.0.0:{line.group(2)}"
+    assert httpx.get(f"{line.group(1)}/healthz", timeout=5).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "message"),
+    [
+        ("demo-model", ["--token", DEMO_TOKEN],
+         "--token: a token on the command line shows in `ps`"),
+        ("demo-traffic", ["--token", DEMO_TOKEN],
+         "--token: a token on the command line shows in `ps`"),
+        ("demo-model", ["--token-file", "{tmp}/absent"],
+         "--token-file: cannot read '{tmp}/absent'"),
+        ("demo-traffic", ["--token-file", "{tmp}/empty"], "--token-file: '{tmp}/empty' is empty"),
+        ("demo-model", ["--proxy-token-file", "{tmp}/empty"],
+         "--proxy-token-file: '{tmp}/empty' is empty"),
+    ],
+    ids=["model-token-in-argv", "traffic-token-in-argv", "model-token-file-missing",
+         "traffic-token-file-empty", "model-proxy-token-file-empty"],
+)  # fmt: skip
+def test_demo_parts_refuse_an_unusable_token_option_naming_it(
+    command: str, options: list[str], message: str, tmp_path: Path
+) -> None:
+    (tmp_path / "empty").write_text("\n")
+    extra = ["--target", f"http://127.0.0.1:{free_port()}"] if command == "demo-traffic" else []
+    result = run_cli(command, *extra, *(o.format(tmp=tmp_path) for o in options))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"mlsidecar: {message.format(tmp=tmp_path)}"), result.stderr
+    assert "Traceback" not in result.stderr and DEMO_TOKEN not in result.stderr
+
+
+def _rows_at(harness: AgentHarness, wanted: int, timeout: float = 15.0) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    report = harness.agent.engine.report("fraud-scorer", "v1")
+    while time.monotonic() < deadline and (report is None or report["totals"]["rows"] < wanted):
+        time.sleep(0.2)
+        report = harness.agent.engine.report("fraud-scorer", "v1")
+    return report
+
+
+@pytest.mark.slow
+def test_demo_model_and_traffic_send_the_token_an_agent_requires(
+    start_agent: Callable[..., AgentHarness], children: Callable[..., Child], tmp_path: Path
+) -> None:
+    harness = start_agent(ingest={"token": DEMO_TOKEN})
+    token_file = tmp_path / "token"
+    token_file.write_text(DEMO_TOKEN + "\n")
+    model = children("demo-model", "--listen", "127.0.0.1:0", "--sidecar",
+                     harness.ingest_target, "--token-file", str(token_file))  # fmt: skip
+    model_url = model.wait_for(r"demo model service on (http://127\.0\.0\.1:\d+)").group(1)
+    assert f"predictions logged to {harness.ingest_target} with a token" in model.stdout[0]
+    traffic = children(
+        "demo-traffic", "--target", model_url, "--sidecar", harness.ingest_target,
+        "--speed", "20", "--duration", "2", "--every", "1",
+        env=subprocess_env(MLSIDECAR_TOKEN=DEMO_TOKEN),
+    )  # fmt: skip
+    assert traffic.wait(60) == 0, "\n".join(traffic.stderr[-20:])
+    done = traffic.wait_for(r"demo traffic finished: sent (\d+) predictions and (\d+) outcomes")
+    sent, outcomes = int(done.group(1)), int(done.group(2))
+    assert sent > 0 and outcomes > 0
+
+    report = _rows_at(harness, sent)
+    assert report is not None and report["totals"]["rows"] == sent
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and report["totals"]["outcomes"] < outcomes:
+        time.sleep(0.2)
+        report = harness.agent.engine.report("fraud-scorer", "v1") or report
+    assert report["totals"]["outcomes"] == outcomes  # the traffic's own SDK client had it too
+    sdk = httpx.get(f"{model_url}/stats", timeout=5).json()["sdk"]
+    assert sdk["dropped"] == {} and sdk["sent_predictions"] == sent
+    printed = "\n".join(model.stdout + model.stderr + traffic.stdout + traffic.stderr)
+    assert DEMO_TOKEN not in printed
+
+
+def test_demo_model_without_the_token_has_its_predictions_refused(
+    start_agent: Callable[..., AgentHarness], children: Callable[..., Child]
+) -> None:
+    """The control for the test above: the same agent refuses a model service with no token."""
+    harness = start_agent(ingest={"token": DEMO_TOKEN})
+    model = children("demo-model", "--listen", "127.0.0.1:0", "--sidecar", harness.ingest_target)
+    model_url = model.wait_for(r"demo model service on (http://127\.0\.0\.1:\d+)").group(1)
+    instances = [{"id": f"t{i}", "amount": 20.0, "hour": 12, "merchant": "fuel", "user_id": i}
+                 for i in range(5)]  # fmt: skip
+    assert httpx.post(f"{model_url}/predict", json={"instances": instances}, timeout=5).is_success
+    deadline = time.monotonic() + 15
+    sdk: dict[str, Any] = {}
+    while time.monotonic() < deadline and not sdk.get("dropped"):
+        time.sleep(0.2)
+        sdk = httpx.get(f"{model_url}/stats", timeout=5).json()["sdk"]
+    assert sdk["dropped"].get("unauthenticated") == 5, sdk
+    assert harness.agent.engine.report("fraud-scorer", "v1") is None
+
+
+def test_demo_model_sends_the_proxy_token_so_the_egress_proxy_lets_lookups_through(
+    start_agent: Callable[..., AgentHarness], children: Callable[..., Child], tmp_path: Path
+) -> None:
+    store = children("demo-feature-store", "--listen", "127.0.0.1:0")
+    store_url = store.wait_for(r"demo feature store on (http://127\.0\.0\.1:\d+)").group(1)
+    harness = start_agent(
+        upstream={"listen": "127.0.0.1:0", "token": "proxy-s3cret",
+                  "targets": {"features": {"url": store_url}}}
+    )  # fmt: skip
+    proxy = f"http://127.0.0.1:{harness.agent.proxy.port}/upstream/features"  # type: ignore[union-attr]
+    (tmp_path / "proxy-token").write_text("proxy-s3cret\n")
+    instances = [{"id": "p1", "amount": 20.0, "hour": 12, "merchant": "fuel", "user_id": 1}]
+    sources = {}
+    for name, extra in (("with", ["--proxy-token-file", str(tmp_path / "proxy-token")]),
+                        ("without", [])):  # fmt: skip
+        model = children("demo-model", "--listen", "127.0.0.1:0", "--no-sdk",
+                         "--feature-store-url", proxy, *extra)  # fmt: skip
+        url = model.wait_for(r"demo model service on (http://127\.0\.0\.1:\d+)").group(1)
+        answer = httpx.post(f"{url}/predict", json={"instances": instances}, timeout=5).json()
+        sources[name] = answer["features_source"]
+    # Without the token the proxy answers 407 and the model falls back to a missing feature.
+    assert sources == {"with": "store", "without": "fallback"}
+    assert httpx.get(f"{store_url}/admin/status", timeout=5).json()["lookups"] == 1
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("0.0.0.0:8080", "listen: '0.0.0.0:8080' is not a loopback address"),
+        ("nonsense", "listen: 'nonsense' is not host:port"),
+        ("127.0.0.1:99999", "listen: '127.0.0.1:99999' is not host:port"),
+    ],
+)
+def test_model_service_refuses_a_bad_listen_with_a_plain_value_error(
+    listen: str, message: str
+) -> None:
+    from pydantic import ValidationError
+
+    from agent.demo.model import ModelService
+
+    with pytest.raises(ValueError, match="^" + re.escape(message)) as error:
+        ModelService(listen=listen)
+    assert not isinstance(error.value, ValidationError)  # one line, not pydantic's report
+    # Exposed on purpose (a container): allowed, as the agent's listeners with insecure: true.
+    if "loopback" in message:
+        assert ModelService(listen=listen, insecure=True).port is None  # built, not started

@@ -6,21 +6,22 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentHarness, free_port, mlsidecar_command, subprocess_env
+from conftest import AgentHarness, agent_settings, free_port, mlsidecar_command, subprocess_env
+from tls import Pki
 
 
-def replay(*args: str) -> subprocess.CompletedProcess[str]:
+def replay(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [mlsidecar_command(), "replay", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         stdin=subprocess.DEVNULL,
     )
 
@@ -231,3 +232,166 @@ def test_replay_stops_with_a_clear_error_when_the_agent_goes_away_mid_file(
     assert proc.returncode == 1, stdout + stderr
     assert f"the agent at {harness.ingest_target} stopped answering" in stderr, stderr
     assert "replay stopped after" in stderr and "Traceback" not in stderr
+
+
+# -- TLS and the token (a real agent serving TLS on 127.0.0.1; certificates from tests/tls.py)
+
+TOKEN = "replay-s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")  # as `echo $TOKEN > token` writes it
+    return path
+
+
+def assert_clean_failure(
+    result: subprocess.CompletedProcess[str], code: int, *needles: str
+) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert "Traceback" not in output
+    assert "Handshake failed" not in output  # gRPC core's own log lines: replay explains
+    assert TOKEN not in output  # the token is never shown
+
+
+def test_replay_sends_over_tls_with_a_token_file_to_an_agent_that_needs_both(
+    start_agent: Callable[..., AgentHarness], pki: Pki, token_file: Path, tmp_path: Path
+) -> None:
+    harness = start_agent(ingest={"tls": pki.server_tls(), "token": TOKEN})
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(40, prefix="s"))
+
+    result = replay(str(path), "--target", harness.ingest_target, "--model", "fraud-tls",
+                    "--version", "v2", "--ca-file", str(pki.ca), "--token-file", str(token_file))  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "40 predictions and 20 outcomes accepted, 0 rejected" in result.stdout
+    assert report(harness, "fraud-tls")["totals"]["outcomes"] == 20
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_replay_uses_a_client_certificate_and_the_token_from_the_environment_for_mtls(
+    start_agent: Callable[..., AgentHarness], pki: Pki, tmp_path: Path
+) -> None:
+    harness = start_agent(ingest={"tls": pki.server_tls(client_ca=str(pki.ca)), "token": TOKEN})
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(10, prefix="m"))
+    tls = ["--ca-file", str(pki.ca), "--cert-file", str(pki.client),
+           "--key-file", str(pki.client_key)]  # fmt: skip
+
+    result = replay(str(path), "--target", harness.ingest_target, "--model", "fraud-mtls",
+                    "--version", "v2", *tls, MLSIDECAR_TOKEN=TOKEN)  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report(harness, "fraud-mtls")["totals"]["rows"] == 10
+
+
+def test_replay_reads_target_token_and_tls_from_the_agents_config(
+    start_agent: Callable[..., AgentHarness], pki: Pki, tmp_path: Path
+) -> None:
+    harness = start_agent(ingest={"tls": pki.server_tls(), "token": TOKEN})
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"ingest:\n  listen: {harness.ingest_target}\n  token: {TOKEN}\n"
+        f"  tls:\n    cert: {pki.server}\n    key: {pki.server_key}\n"
+    )
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(6, prefix="k"))
+
+    # ingest.tls in the config turns TLS on; --ca-file says which CA signed its certificate.
+    result = replay(str(path), "--config", str(config), "--ca-file", str(pki.ca),
+                    "--model", "fraud-conf", "--version", "v2")  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report(harness, "fraud-conf")["totals"]["rows"] == 6
+
+
+@pytest.fixture(scope="module")
+def tls_agent(pki: Pki) -> Iterator[AgentHarness]:
+    """One TLS + token agent for the failure cases, which send nothing it would keep."""
+    harness = AgentHarness(
+        agent_settings(ingest={"tls": pki.server_tls(client_ca=None), "token": TOKEN})
+    ).start()
+    yield harness
+    harness.stop()
+
+
+def test_replay_with_the_wrong_ca_names_ca_file(
+    tls_agent: AgentHarness, pki: Pki, token_file: Path, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(3))
+    result = replay(str(path), "--target", tls_agent.ingest_target, "--model", "m",
+                    "--ca-file", str(pki.other_ca), "--token-file", str(token_file),
+                    "--timeout", "1")  # fmt: skip
+    assert_clean_failure(
+        result, 1, f"no agent answering at {tls_agent.ingest_target} (gRPC ingest, TLS, with a token)",
+        f"the agent's TLS certificate is not signed by a CA in --ca-file '{pki.other_ca}'",
+    )  # fmt: skip
+
+
+def test_replay_in_plaintext_to_a_tls_agent_suggests_ca_file(
+    tls_agent: AgentHarness, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(3))
+    result = replay(str(path), "--target", tls_agent.ingest_target, "--model", "m",
+                    "--timeout", "1")  # fmt: skip
+    assert_clean_failure(
+        result, 1, "(gRPC ingest, plaintext)", "it may serve TLS (give --ca-file or --tls)"
+    )
+
+
+def test_replay_with_tls_to_a_plaintext_agent_says_so(
+    agent: AgentHarness, pki: Pki, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(3))
+    result = replay(str(path), "--target", agent.ingest_target, "--model", "m",
+                    "--ca-file", str(pki.ca), "--timeout", "1")  # fmt: skip
+    assert_clean_failure(result, 1, "the agent does not serve TLS there: drop --tls / --ca-file")
+
+
+def test_replay_without_the_token_an_agent_needs_names_token_file(
+    tls_agent: AgentHarness, pki: Pki, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(3))
+    result = replay(str(path), "--target", tls_agent.ingest_target, "--model", "m",
+                    "--ca-file", str(pki.ca))  # fmt: skip
+    assert_clean_failure(
+        result, 1, "missing or wrong bearer token",
+        "give its ingest.token with --token-file PATH or MLSIDECAR_TOKEN",
+        "replay stopped after",
+    )  # fmt: skip
+
+    wrong = replay(str(path), "--target", tls_agent.ingest_target, "--model", "m",
+                   "--ca-file", str(pki.ca), MLSIDECAR_TOKEN="not-the-token")  # fmt: skip
+    assert_clean_failure(wrong, 1, "the token given is not its ingest.token")
+    assert "not-the-token" not in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--token", TOKEN], "--token: a token on the command line shows in `ps`"),
+        (["--token-file", "{tmp}/absent"], "--token-file: cannot read '{tmp}/absent'"),
+        (["--token-file", "{tmp}/empty"], "--token-file: '{tmp}/empty' is empty"),
+        (["--ca-file", "{tmp}/absent.pem"], "--ca-file: cannot read '{tmp}/absent.pem'"),
+        (["--ca-file", "{tmp}/empty"], "--ca-file: '{tmp}/empty' holds no PEM certificate"),
+        (["--cert-file", "{ca}"], "--key-file: needed with --cert-file"),
+    ],
+    ids=["token-in-argv", "token-file-missing", "token-file-empty", "ca-missing", "ca-not-pem",
+         "cert-without-key"],
+)  # fmt: skip
+def test_replay_refuses_unusable_connection_options_with_exit_2(
+    pki: Pki, tmp_path: Path, options: list[str], message: str
+) -> None:
+    (tmp_path / "empty").write_text("")
+    path = write_jsonl(tmp_path / "events.jsonl", good_rows(1))
+    fill = {"tmp": str(tmp_path), "ca": str(pki.ca)}
+    result = replay(str(path), "--target", f"127.0.0.1:{free_port()}", "--model", "m",
+                    *(o.format(**fill) for o in options))  # fmt: skip
+    assert_clean_failure(result, 2, message.format(**fill))

@@ -13,5 +13,14 @@ from agent.client._async import AsyncSidecarClient
 from agent.client._core import TimedPrediction
 from agent.client._delivery import ClientStats
 from agent.client._sync import SidecarClient
+from agent.client.credentials import CredentialsError, channel_credentials, read_token
 
-__all__ = ["AsyncSidecarClient", "ClientStats", "SidecarClient", "TimedPrediction"]
+__all__ = [
+    "AsyncSidecarClient",
+    "ClientStats",
+    "CredentialsError",
+    "SidecarClient",
+    "TimedPrediction",
+    "channel_credentials",
+    "read_token",
+]

@@ -8,8 +8,10 @@ await client.close()                                        # in the app's shutd
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -19,7 +21,13 @@ from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
 from agent.client._batches import OUTCOMES, PREDICTIONS
 from agent.client._core import ClientCore, log
 from agent.client._delivery import Failure, Send, Sleep
-from agent.client._sync import CHANNEL_OPTIONS
+from agent.client._sync import (
+    CHANNEL_OPTIONS,
+    blocking_send,
+    drive,
+    open_channel,
+    register_exit_hook,
+)
 
 
 class AsyncSidecarClient(ClientCore):
@@ -30,8 +38,9 @@ class AsyncSidecarClient(ClientCore):
     # flush(), close() are coroutines; the task starts with the first call inside a loop
 
     ``log_*`` may also be called from other threads. Packing yields to the event loop
-    between columns, so request handlers keep their latency. There is no atexit flush
-    (a loop cannot be run at interpreter exit): ``await client.close()`` on shutdown.
+    between columns, so request handlers keep their latency. ``await client.close()`` on
+    shutdown; a client never closed is flushed at interpreter exit over a blocking
+    channel (no loop runs by then), for up to ``close_timeout_s``.
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class AsyncSidecarClient(ClientCore):
         self._flush_waiters = 0
         self._busy = False
         self._needs_start = True  # the first log_* call inside a loop starts the task
+        self._atexit = register_exit_hook(self, close_timeout_s)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -101,12 +111,38 @@ class AsyncSidecarClient(ClientCore):
             self._counters.drop(left, "closed", "the client closed before the agent took them")
         if self._channel is not None:
             await self._channel.close()
+        atexit.unregister(self._atexit)
         if not flushed:
             log.warning(
                 "mlsidecar client: closed with events undelivered (agent unreachable or "
                 "timeout %.1f s); counted in stats().dropped",
                 timeout,
             )
+
+    def close_at_exit(self, timeout: float) -> None:
+        """The exit hook: the loop is gone, so send what is left from this thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._buffer.rows:
+            channel, submit = open_channel(self.target, self._credentials)
+            deadline = time.monotonic() + timeout
+
+            def send(op: Send) -> Any:
+                left = max(0.05, min(self.send_timeout_s, deadline - time.monotonic()))
+                return blocking_send(submit, op, left, self._metadata)
+
+            def wait(seconds: float) -> None:
+                time.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
+
+            try:
+                while self._buffer.rows and time.monotonic() < deadline:
+                    drive(self._cycle(), send, wait)
+            finally:
+                channel.close()
+        left = self._buffer.drain_all()
+        if left:
+            self._counters.drop(left, "closed", "the client was never closed; exit flush timed out")
 
     async def __aenter__(self) -> AsyncSidecarClient:
         self._start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import random
 import re
 import threading
@@ -29,21 +28,25 @@ from agent.client._batches import (
     OUTCOMES,
     PREDICTIONS,
     Chunk,
+    Columns,
     Event,
     Outcome,
     Prediction,
+    array_kind,
     build_prediction_batch,
-    feature_column,
     group_predictions,
+    pack_columns,
     pack_outcomes,
     trace_bytes,
 )
 from agent.client._delivery import ClientStats, Counters, Delivery, Send, Sleep
 
 try:  # optional: trace linking and the drop metric need only the API, never the SDK
+    from opentelemetry import context as otel_context
     from opentelemetry import metrics as otel_metrics
     from opentelemetry import trace as otel_trace
 except ImportError:  # pragma: no cover - exercised only where opentelemetry-api is absent
+    otel_context = None  # type: ignore[assignment]
     otel_metrics = None  # type: ignore[assignment]
     otel_trace = None  # type: ignore[assignment]
 
@@ -56,14 +59,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 _new_tuple = tuple.__new__
 
 
+# (context, (trace id, span id)) of the last lookup. An OTel Context is immutable, so the
+# same object means the same span: a request that logs 20 rows looks its span up once.
+# One tuple, swapped whole: threads may race to refresh it, never to tear it.
+_last_trace: tuple[Any, tuple[int, int]] = (None, (0, 0))
+
+
 def current_trace() -> tuple[int, int]:
     """(trace id, span id) of the active OTel span, or (0, 0) outside one."""
+    global _last_trace
     if otel_trace is None:
         return 0, 0
-    context = otel_trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return 0, 0
-    return context.trace_id, context.span_id
+    context = otel_context.get_current()
+    last = _last_trace
+    if last[0] is context:
+        return last[1]
+    span_context = otel_trace.get_current_span(context).get_span_context()
+    ids = (span_context.trace_id, span_context.span_id) if span_context.is_valid else (0, 0)
+    _last_trace = (context, ids)
+    return ids
 
 
 class EventBuffer:
@@ -123,13 +137,17 @@ class EventBuffer:
 
 
 def _column_values(features: Any, ids_len: int) -> list[tuple[str, Any]]:
-    """(name, values) per feature from a Mapping of arrays or a pandas DataFrame."""
+    """(name, values) per feature from a Mapping of arrays or a pandas DataFrame.
+
+    The arrays are copies: the sender packs them later, and the caller may reuse its own
+    as soon as the call returns.
+    """
     if features is None:
         return []
     if hasattr(features, "columns") and hasattr(features, "__getitem__"):  # pandas DataFrame
-        items = [(str(name), features[name].to_numpy()) for name in features.columns]
+        items = [(str(name), features[name].to_numpy(copy=True)) for name in features.columns]
     elif isinstance(features, Mapping):
-        items = [(str(name), np.asarray(values)) for name, values in features.items()]
+        items = [(str(name), np.array(values)) for name, values in features.items()]
     else:
         raise TypeError(
             f"features: expected a Mapping of arrays or a pandas DataFrame, got {type(features).__name__}"
@@ -142,25 +160,10 @@ def _column_values(features: Any, ids_len: int) -> list[tuple[str, Any]]:
     return items
 
 
-def _array_column(name: str, values: np.ndarray) -> Any:
-    if values.dtype.kind in "fiu":
-        return pb.Column(name=name, numbers=pb.NumberValues(values=values.astype(np.float64)))
-    if values.dtype.kind == "b":
-        return pb.Column(name=name, numbers=pb.NumberValues(values=values.astype(np.float64)))
-    return feature_column(name, [None if _missing(v) else v for v in values.tolist()])
-
-
-def _missing(value: Any) -> bool:
-    """None, NaN, and pandas' NA / NaT (told by type name: pandas is not imported here)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return True
-    return type(value).__name__ in ("NAType", "NaTType")
-
-
 def _optional_array(name: str, values: Any, n: int, dtype: Any) -> np.ndarray | None:
     if values is None:
         return None
-    array = np.asarray(values, dtype=dtype)
+    array = np.array(values, dtype=dtype)  # a copy, as in _column_values
     if array.ndim != 1 or len(array) != n:
         raise ValueError(f"{name}: {array.shape} values, expected {n} (len(ids))")
     return array
@@ -274,7 +277,8 @@ class ClientCore:
 
         ``probabilities``: {class: p}, or a sequence in the order of ``class_names``.
         An event the agent would refuse (bad id, override or probabilities) is dropped
-        here and counted as ``invalid_event``, so that it cannot sink its whole batch.
+        and counted as ``invalid_event``, so that it cannot sink its whole batch: here, or
+        for ``attributes``, by the sender (checked once per distinct mapping).
         """
         if self._closed:
             self._counters.drop(1, "closed", "log_prediction after close()")
@@ -290,8 +294,9 @@ class ClientCore:
                 id = str(id)  # ints and UUIDs are fine: the wire's ids are strings
             if not id:
                 problem = f"id: {id!r} must be a non-empty string"
-            elif model is not None or model_version is not None or attributes is not None:
-                problem = _override_problem(model, model_version, attributes)
+            elif model is not None or model_version is not None:
+                problem = _override_problem(model, model_version, None)
+            # attributes are checked by the sender, once per distinct mapping (not per call)
             if problem is None and probabilities is not None:
                 problem = self._probabilities_problem(probabilities)
             if problem is not None:
@@ -405,13 +410,13 @@ class ClientCore:
         columns = _column_values(features, n)
         score_array = _optional_array("scores", scores, n, np.float64)
         latency_array = _optional_array("latencies_ms", latencies_ms, n, np.float64)
-        label_list = None if labels is None else [str(v) for v in np.asarray(labels).tolist()]
+        label_list = None if labels is None else list(map(str, np.asarray(labels).tolist()))
         if label_list is not None and len(label_list) != n:
             raise ValueError(f"labels: {len(label_list)} values, expected {n} (len(ids))")
         classes = tuple(class_names) if class_names else self.class_names
         prob_array = None
         if probabilities is not None:
-            prob_array = np.asarray(probabilities, dtype=np.float64)
+            prob_array = np.array(probabilities, dtype=np.float64)
             if classes is None or prob_array.shape != (n, len(classes)):
                 raise ValueError(
                     f"probabilities: shape {prob_array.shape}, expected ({n}, len(class_names))"
@@ -426,46 +431,54 @@ class ClientCore:
             self._counters.drop(n, "closed", "log_predictions after close()")
             return
 
-        def pick(array: np.ndarray) -> np.ndarray:
-            return array if keep is None else array[keep]
+        def kept(array: np.ndarray) -> np.ndarray:
+            return array if keep is None else array[keep]  # copies already (see _column_values)
 
         kept_ids = (
             ids_list if keep is None else [i for i, k in zip(ids_list, keep, strict=True) if k]
         )
-        kept_columns = [(name, pick(values)) for name, values in columns]
-        kept_scores = None if score_array is None else pick(score_array)
+        kept_columns = [kept(values) for _, values in columns]
+        kept_scores = None if score_array is None else kept(score_array)
         kept_labels = (
-            None if label_list is None else pick(np.asarray(label_list, dtype=object)).tolist()
+            label_list
+            if keep is None or label_list is None
+            else [label for label, k in zip(label_list, keep, strict=True) if k]
         )
-        kept_latencies = None if latency_array is None else pick(latency_array)
-        kept_probabilities = None if prob_array is None else pick(prob_array)
-        now = time.time_ns()  # the time of the call, not of the send (the agent may be down)
+        kept_latencies = None if latency_array is None else kept(latency_array)
+        kept_probabilities = None if prob_array is None else kept(prob_array)
         trace, span = trace_bytes(*current_trace())
+        key = (
+            model or self.model,
+            self.model_version if model_version is None else model_version,
+            tuple(
+                sorted((attributes if attributes is not None else self.attributes or {}).items())
+            ),
+            classes if kept_probabilities is not None else None,
+            tuple((name, array_kind(values)) for name, values in columns),
+            (
+                score_array is not None,
+                label_list is not None,
+                latency_array is not None,
+                bool(trace),
+            ),
+        )
+        now = time.time_ns()  # the time of the call, not of the send (the agent may be down)
         rows, size = len(kept_ids), self._chunk_rows
-        for lo in range(0, rows, size):
+        for lo in range(0, rows, size):  # pieces: when the buffer overflows, the oldest go first
             hi = min(lo + size, rows)
-            n_chunk = hi - lo
-            batch = pb.PredictionBatch(
-                model=model or self.model,
-                model_version=self.model_version if model_version is None else model_version,
-                ids=kept_ids[lo:hi],
-                timestamps_unix_nano=[now] * n_chunk,
-                features=[_array_column(name, values[lo:hi]) for name, values in kept_columns],
-                attributes=dict(attributes if attributes is not None else self.attributes or {}),
+            piece = Columns(
+                key,
+                kept_ids[lo:hi],
+                now,
+                [values[lo:hi] for values in kept_columns],
+                None if kept_scores is None else kept_scores[lo:hi],
+                None if kept_labels is None else kept_labels[lo:hi],
+                None if kept_latencies is None else kept_latencies[lo:hi],
+                None if kept_probabilities is None else kept_probabilities[lo:hi],
+                trace,
+                span,
             )
-            if kept_scores is not None:
-                batch.scores.extend(kept_scores[lo:hi])
-            if kept_labels is not None:
-                batch.labels.extend(kept_labels[lo:hi])
-            if kept_latencies is not None:
-                batch.latencies_ms.extend(kept_latencies[lo:hi])
-            if kept_probabilities is not None and classes is not None:
-                batch.class_names.extend(classes)
-                batch.probabilities.extend(kept_probabilities[lo:hi].ravel())
-            if trace:
-                batch.trace_ids.extend([trace] * n_chunk)
-                batch.span_ids.extend([span] * n_chunk)
-            self._put_chunk(Chunk(PREDICTIONS, n_chunk, batch))
+            self._put_chunk(Chunk(PREDICTIONS, hi - lo, piece))
 
     def log_outcomes(
         self,
@@ -514,7 +527,10 @@ class ClientCore:
     def _put_chunk(self, chunk: Chunk) -> None:
         if self._needs_start:
             self._poke()
-        if self._buffer.put(chunk, chunk.rows) >= self.batch_rows:
+        # Wake the sender when this chunk carries the buffer over a batch, not on every
+        # chunk after that: waking a thread costs the caller a syscall and the GIL.
+        after = self._buffer.put(chunk, chunk.rows)
+        if after - chunk.rows < self.batch_rows <= after:
             self._wake()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -660,16 +676,19 @@ class ClientCore:
         taken = sum(e.rows if isinstance(e, Chunk) else 1 for e in events)
         self._in_flight += taken
         try:
-            predictions = [e for e in events if isinstance(e, Prediction)]
+            predictions = self._valid_attributes([e for e in events if isinstance(e, Prediction)])
             outcomes = [e for e in events if isinstance(e, Outcome)]
             chunks = [e for e in events if isinstance(e, Chunk)]
             yield None
             for key, rows in group_predictions(predictions, self.class_names):
                 batch = yield from build_prediction_batch(key, rows)
                 yield from self._delivery.deliver(PREDICTIONS, batch)
-            for chunk in chunks:
-                if chunk.kind == PREDICTIONS:
-                    yield from self._delivery.deliver(PREDICTIONS, chunk.batch)
+            pieces = [chunk.batch for chunk in chunks if chunk.kind == PREDICTIONS]
+            for packed in pack_columns(pieces):
+                if packed is None:
+                    yield None
+                else:
+                    yield from self._delivery.deliver(PREDICTIONS, packed[1])
             for _rows, batch in pack_outcomes(outcomes):
                 yield None
                 yield from self._delivery.deliver(OUTCOMES, batch)
@@ -678,6 +697,28 @@ class ClientCore:
                     yield from self._delivery.deliver(OUTCOMES, chunk.batch)
         finally:
             self._in_flight -= taken
+
+    def _valid_attributes(self, predictions: list[Prediction]) -> list[Prediction]:
+        """``predictions`` without those whose per-call attributes the agent would refuse
+        (counted as ``invalid_event``); each distinct mapping is checked once."""
+        default = self.attributes
+        verdicts: dict[int, str | None] = {}  # id() is unique: the events hold the mappings
+        kept: list[Prediction] = []
+        for event in predictions:
+            attributes = event.attributes
+            if attributes is None or attributes is default:
+                kept.append(event)
+                continue
+            key = id(attributes)
+            if key in verdicts:
+                problem = verdicts[key]
+            else:
+                problem = verdicts[key] = _attributes_problem(attributes)
+            if problem is None:
+                kept.append(event)
+            else:
+                self._counters.drop(1, "invalid_event", problem)
+        return kept
 
 
 class TimedPrediction:
@@ -708,7 +749,10 @@ def _output_fields(result: Any) -> dict[str, Any]:
 
 def _unique_ids(ids: Any) -> list[str]:
     """The ids of a batch form as strings; a repeated or empty id is a ValueError naming it."""
-    ids_list = [str(i) for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids)]
+    ids_list = list(map(str, ids.tolist() if isinstance(ids, np.ndarray) else ids))
+    unique = set(ids_list)
+    if len(unique) == len(ids_list) and "" not in unique:
+        return ids_list  # the usual case, checked in C; the loop below names the culprit
     seen: dict[str, int] = {}
     for index, value in enumerate(ids_list):
         if not value:
@@ -735,6 +779,8 @@ def _override_problem(
 
 
 def _attributes_problem(attributes: Mapping[str, str]) -> str | None:
+    if not isinstance(attributes, Mapping):
+        return f"attributes: expected a mapping of str to str, got {type(attributes).__name__}"
     if len(attributes) > MAX_ATTRIBUTES:
         return f"attributes: {len(attributes)} entries, at most {MAX_ATTRIBUTES}"
     for key, value in attributes.items():

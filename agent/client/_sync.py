@@ -12,14 +12,17 @@ import functools
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
-from agent.client._batches import PREDICTIONS
+from agent.client._batches import OUTCOMES, PREDICTIONS
 from agent.client._core import ClientCore, log
 from agent.client._delivery import Failure, Send, Sleep
+
+SLICE_PAUSE_S = 50e-6  # between packing slices; a batch of 500 rows has about ten
 
 # Reconnect quickly after the agent comes back (gRPC's default backoff grows to 120 s).
 CHANNEL_OPTIONS = [
@@ -30,10 +33,60 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _close_at_exit(ref: weakref.ref[SidecarClient], timeout: float) -> None:
+def open_channel(target: str, credentials: Any) -> tuple[grpc.Channel, dict[str, Any]]:
+    """A blocking channel to the agent and its submit calls by kind."""
+    if credentials is not None:
+        channel = grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
+    stub = pb_grpc.IngestStub(channel)
+    return channel, {PREDICTIONS: stub.SubmitPredictions, OUTCOMES: stub.SubmitOutcomes}
+
+
+def drive(plan: Any, send: Callable[[Send], Any], wait: Callable[[float], Any]) -> None:
+    """Run a sender cycle's ops on this thread: packing slices, sends, sleeps."""
+    answer: Any = None
+    try:
+        while True:
+            op = plan.send(answer)
+            answer = None
+            if op is None:
+                # Let the model's threads take the GIL between slices. sleep(0) would
+                # not: this thread re-takes the GIL before a waiting thread wakes up,
+                # and the waiter then waits out the 5 ms switch interval.
+                time.sleep(SLICE_PAUSE_S)
+            elif isinstance(op, Send):
+                answer = send(op)
+            elif isinstance(op, Sleep):
+                wait(op.seconds)
+    except StopIteration:
+        pass
+
+
+def blocking_send(submit: dict[str, Any], op: Send, timeout: float, metadata: Any) -> Any:
+    """One blocking RPC: the agent's answer, or a ``Failure`` with its status."""
+    try:
+        return submit[op.kind](op.batch, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as error:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return Failure(code, details or "")
+    except ValueError as error:  # e.g. the channel was closed under us
+        return Failure(grpc.StatusCode.CANCELLED, str(error))
+
+
+def _close_at_exit(ref: weakref.ref[Any], timeout: float) -> None:
+    """The exit hook of both clients: flush what is buffered (see ``close_at_exit``)."""
     client = ref()
     if client is not None:
-        client.close(timeout)
+        client.close_at_exit(timeout)
+
+
+def register_exit_hook(client: Any, timeout: float) -> Callable[[], None]:
+    """A hook of the client's own (unregister() removes every registration of a function)."""
+    hook = functools.partial(_close_at_exit, weakref.ref(client), timeout)
+    atexit.register(hook)
+    return hook
 
 
 class SidecarClient(ClientCore):
@@ -59,12 +112,7 @@ class SidecarClient(ClientCore):
     ) -> None:
         super().__init__(target, model, model_version, **options)
         self.close_timeout_s = close_timeout_s
-        if self._credentials is not None:
-            self._channel = grpc.secure_channel(target, self._credentials, CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
-        stub = pb_grpc.IngestStub(self._channel)
-        self._submit = {PREDICTIONS: stub.SubmitPredictions, "outcomes": stub.SubmitOutcomes}
+        self._channel, self._submit = open_channel(target, self._credentials)
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._idle = threading.Condition()
@@ -74,9 +122,7 @@ class SidecarClient(ClientCore):
             target=self._run, name=f"mlsidecar-client:{model}", daemon=True
         )
         self._thread.start()
-        # A hook of its own (unregister() removes every registration of a function).
-        self._atexit = functools.partial(_close_at_exit, weakref.ref(self), close_timeout_s)
-        atexit.register(self._atexit)
+        self._atexit = register_exit_hook(self, close_timeout_s)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -122,6 +168,9 @@ class SidecarClient(ClientCore):
                 timeout,
             )
 
+    def close_at_exit(self, timeout: float) -> None:
+        self.close(timeout)
+
     def __enter__(self) -> SidecarClient:
         return self
 
@@ -162,30 +211,7 @@ class SidecarClient(ClientCore):
             self._idle.notify_all()
 
     def _drive(self, plan: Any) -> None:
-        """Run a cycle's ops: packing slices, sends, sleeps."""
-        answer: Any = None
-        try:
-            while True:
-                op = plan.send(answer)
-                if op is None:
-                    time.sleep(0)  # let the model's threads take the GIL between slices
-                    answer = None
-                elif isinstance(op, Send):
-                    answer = self._send(op)
-                elif isinstance(op, Sleep):
-                    self._stopping.wait(op.seconds)
-                    answer = None
-        except StopIteration:
-            pass
+        drive(plan, self._send, self._stopping.wait)
 
     def _send(self, op: Send) -> Any:
-        try:
-            return self._submit[op.kind](
-                op.batch, timeout=self.send_timeout_s, metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-            details = error.details() if hasattr(error, "details") else str(error)
-            return Failure(code, details or "")
-        except ValueError as error:  # e.g. the channel was closed under us
-            return Failure(grpc.StatusCode.CANCELLED, str(error))
+        return blocking_send(self._submit, op, self.send_timeout_s, self._metadata)

@@ -1,6 +1,6 @@
 """The demo model service: a FastAPI "fraud" scorer that logs every prediction via the SDK.
 
-    service = ModelService(listen="127.0.0.1:0", sidecar="127.0.0.1:4320",
+    service = ModelService(listen="127.0.0.1:0", sidecar="127.0.0.1:4320", sidecar_token=None,
                            feature_store_url="http://127.0.0.1:8321/upstream/features")
     await service.start()   # POST http://127.0.0.1:<service.port>/predict ; await service.stop()
 
@@ -98,7 +98,12 @@ class ModelService:
         feature_timeout_s: float = 1.0,
         sidecar_token: str | None = None,
         proxy_token: str | None = None,
+        insecure: bool = False,
     ) -> None:
+        from agent.demo.parts import listen_address
+
+        # A clear ValueError naming `listen` (not a pydantic one) for a bad or exposed address.
+        listen_address(listen, "listen", insecure=insecure, what="demo model service")
         self.sidecar_target = sidecar
         self._sidecar_token = sidecar_token
         # The egress proxy asks for Proxy-Authorization when upstream.token is set.
@@ -117,7 +122,7 @@ class ModelService:
         self._http: httpx.AsyncClient | None = None
         self.tracer_provider = _tracer_provider()
         self.app = self._build_app()
-        # insecure=True: an address given explicitly may be 0.0.0.0 (a container); default loopback.
+        # insecure=True: listen_address above has refused a non-loopback address without it.
         self._listener = HttpListener(
             self.app,
             Listener(listen=listen, insecure=True),
@@ -201,21 +206,21 @@ class ModelService:
             if source == "fallback":
                 self.fallbacks += 1
             if self.client is not None:
-                attributes = {"features_source": source}
-                for i, row in enumerate(rows):
-                    self.client.log_prediction(
-                        row.id,
-                        {
-                            "amount": row.amount,
-                            "hour": float(row.hour),
-                            "merchant": row.merchant,
-                            "account_age_days": float(ages[i]),
-                        },
-                        score=float(scores[i]),
-                        label=str(labels[i]),
-                        latency_ms=latency_ms,
-                        attributes=attributes,
-                    )
+                # One batch-form call per request: the columns are already numpy arrays,
+                # and the SDK coalesces requests into batches of batch_rows.
+                self.client.log_predictions(
+                    [r.id for r in rows],
+                    {
+                        "amount": amount,
+                        "hour": hour,
+                        "merchant": merchant,
+                        "account_age_days": ages,
+                    },
+                    scores=scores,
+                    labels=labels,
+                    latencies_ms=np.full(len(rows), latency_ms),
+                    attributes={"features_source": source},
+                )
             return PredictResponse(
                 predictions=[
                     Scored(id=r.id, score=float(s), label=str(lab))

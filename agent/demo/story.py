@@ -35,6 +35,7 @@ from agent.config import (
 )
 from agent.demo.featurestore import FeatureStore
 from agent.demo.model import ModelService
+from agent.demo.parts import connect_address, listen_address
 from agent.demo.traffic import PHASES, STORY_S, Traffic
 from agent.demo.world import MODEL, VERSION
 
@@ -51,6 +52,10 @@ BREAKER_ALERT_FOR_STORY_S = 10.0
 ALERT_INTERVAL_STORY_S = 5.0
 DEMO_FEATURES = ("amount", "hour", "merchant", "account_age_days")
 DRIFT_PSI = 0.2  # "drifted" at PSI >= 0.2; the drifting amount reaches ~1.5
+DEMO_LOOPBACK_ONLY = (
+    "`mlsidecar demo` serves on this machine only; run the part on its own to expose it "
+    "(`mlsidecar demo-model --insecure`, `mlsidecar demo-feature-store --insecure`)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,15 +172,23 @@ def _banner(
     )
 
 
-def _reachable(host: str, port: int) -> str:
-    """HOST:PORT to connect to a listener bound to ``host`` (a wildcard: loopback)."""
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _secret(value: SecretStr | None) -> str | None:
     return None if value is None else value.get_secret_value()
+
+
+def _check_listens(options: DemoOptions) -> None:
+    """The demo's own parts serve this machine only (the banner's URLs are loopback ones);
+    to expose one, run it on its own (``mlsidecar demo-model --insecure``)."""
+    from agent.cli import ConfigError
+
+    for value, flag, what in (
+        (options.model_listen, "--model-listen", "demo model service"),
+        (options.feature_store_listen, "--feature-store-listen", "demo feature store"),
+    ):
+        try:
+            listen_address(value, flag, insecure=False, what=what, remedy=DEMO_LOOPBACK_ONLY)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 async def run_story(settings: Settings, options: DemoOptions) -> int:
@@ -188,6 +201,7 @@ async def run_story(settings: Settings, options: DemoOptions) -> int:
     speed = options.speed
     duration = STORY_S / speed if options.duration is None else options.duration
     every = options.every if options.every is not None else min(5.0, max(1.0, 5.0 / speed))
+    _check_listens(options)
     temp_dir: str | None = None
     if "data_dir" not in settings.store.model_fields_set:
         # A fresh state per demo: no reference or alert left over from an earlier run.
@@ -213,12 +227,12 @@ async def run_story(settings: Settings, options: DemoOptions) -> int:
         await agent.start()
         assert agent.proxy is not None and agent.proxy.port is not None
         proxy_port = agent.proxy.port
-        ingest = _reachable(settings.ingest.host, agent.ingest.port)
+        ingest = connect_address(settings.ingest.host, agent.ingest.port)
         model = ModelService(
             listen=options.model_listen,
             sidecar=ingest,
             feature_store_url=(
-                f"http://{_reachable(settings.upstream.host, proxy_port)}"
+                f"http://{connect_address(settings.upstream.host, proxy_port)}"
                 f"/upstream/{FEATURES_TARGET}"
             ),
             sidecar_token=_secret(settings.ingest.token),
