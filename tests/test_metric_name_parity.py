@@ -298,12 +298,14 @@ def test_every_metric_of_a_live_agent_has_the_same_name_through_the_collector(
         _drive(harness, upstream, seconds=3.0)
         harness.run(harness.agent.evaluate_alerts())
 
-        # Series appear over time (a rate needs two readings, drift a closed window), and
-        # each reader collects on its own clock: compare, and retry a few times first.
+        # Series appear over time (a rate needs two readings, drift a closed window) and
+        # go again (drift once no window holds min_window_rows), and each reader collects
+        # on its own clock: compare what each has seen so far, retrying a few times.
         scraped: set[str] = set()
+        otel: dict[str, tuple[str, str, str]] = {}
         for _attempt in range(10):
             scraped |= _scraped_names(harness)
-            otel = _otel_metrics(harness)
+            otel |= _otel_metrics(harness)
             translated = _collector_names(otel)
             wire = _collector_names(_wire_metrics(receiver))
             if set(translated) == scraped == set(wire):
