@@ -250,12 +250,12 @@ def test_pack_columns_concatenates_pieces_exactly_and_keeps_ids_unique():
             "v1",
             (("region", "eu"),),
             None,
-            (("amount", layout),),
+            ("amount",),
             (True, True, False, False),
         )
         values = np.array(amounts) if layout == "n" else np.array([str(a) for a in amounts])
-        return Columns(key, ids, 7, [values], np.array(amounts) / 10, [f"l{a}" for a in amounts],
-                       None, None, b"", b"")  # fmt: skip
+        labels = np.array([f"l{a}" for a in amounts])
+        return Columns(key, ids, 7, [values], np.array(amounts) / 10, labels, None, None, b"", b"")
 
     pieces = [piece(["a", "b"], [1.0, 2.0]), piece(["c"], [3.0]), piece(["a"], [4.0]),
               piece(["d"], [5.0], layout="s")]  # fmt: skip
@@ -269,7 +269,8 @@ def test_pack_columns_concatenates_pieces_exactly_and_keeps_ids_unique():
     assert list(first.timestamps_unix_nano) == [7, 7, 7]
     assert dict(first.attributes) == {"region": "eu"}
     assert list(batches[1][1].ids) == ["a"]  # the repeated id goes to a second batch
-    assert list(batches[2][1].features[0].categories.values) == ["5.0"]  # another layout
+    # same key, strings where numbers were: the sender keeps the kinds apart
+    assert list(batches[2][1].features[0].categories.values) == ["5.0"]
 
 
 def test_the_batch_form_copies_the_callers_arrays_before_returning():

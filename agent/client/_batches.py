@@ -59,14 +59,15 @@ class Columns(NamedTuple):
     ``batch_rows`` rows, not one per request, and the caller never builds protobufs.
     """
 
-    # (model, version, sorted attributes, class names or None, ((feature, kind), ...),
-    #  (has scores, has labels, has latencies, has trace)): equal keys concatenate.
+    # (model, version, sorted attributes, class names or None, feature names,
+    #  (has scores, has labels, has latencies, has trace)): equal keys (and equal kinds
+    #  of feature arrays, see array_kind) concatenate.
     key: tuple
     ids: list[str]
     time_ns: int
-    features: list[np.ndarray]  # in the order of the key's feature layout
+    features: list[np.ndarray]  # in the order of the key's feature names
     scores: np.ndarray | None
-    labels: list[str] | None
+    labels: np.ndarray | None  # as given: made strings when packed
     latencies_ms: np.ndarray | None
     probabilities: np.ndarray | None  # (rows, len(class names))
     trace_id: bytes
@@ -206,13 +207,14 @@ def pack_columns(pieces: list[Columns]) -> Generator[tuple[int, Any] | None, Non
     Pieces join the first batch of their key whose ids they do not repeat (the agent
     refuses a batch that repeats an id), so a repeated id costs a second batch, not data.
     """
-    groups: dict[tuple[tuple, int], tuple[list[Columns], set[str]]] = {}
+    groups: dict[tuple[tuple, tuple[str, ...], int], tuple[list[Columns], set[str]]] = {}
     for piece in pieces:
+        kinds = tuple(array_kind(values) for values in piece.features)
         generation = 0
         while True:
-            entry = groups.get((piece.key, generation))
+            entry = groups.get((piece.key, kinds, generation))
             if entry is None:
-                groups[(piece.key, generation)] = ([piece], set(piece.ids))
+                groups[(piece.key, kinds, generation)] = ([piece], set(piece.ids))
                 break
             parts, ids = entry
             if ids.isdisjoint(piece.ids):
@@ -220,26 +222,26 @@ def pack_columns(pieces: list[Columns]) -> Generator[tuple[int, Any] | None, Non
                 ids.update(piece.ids)
                 break
             generation += 1
-    for (key, _), (parts, _) in groups.items():
+    for (key, _, _), (parts, _) in groups.items():
         yield None
         batch = yield from _columns_batch(key, parts)
         yield len(batch.ids), batch
 
 
 def _columns_batch(key: tuple, parts: list[Columns]) -> Generator[None, None, Any]:
-    model, version, attributes, classes, layout, present = key
-    has_scores, has_labels, has_latencies, has_trace = present
+    model, version, attributes, classes, names, present = key
+    has_scores, _, has_latencies, has_trace = present  # labels: part.labels is set
     batch = pb.PredictionBatch(model=model, model_version=version, attributes=dict(attributes))
     for part in parts:
         batch.ids.extend(part.ids)
         batch.timestamps_unix_nano.extend([part.time_ns] * len(part.ids))
-        if has_labels:
-            batch.labels.extend(part.labels)
+        if part.labels is not None:  # has_labels
+            batch.labels.extend(map(str, part.labels.tolist()))
         if has_trace:
             batch.trace_ids.extend([part.trace_id] * len(part.ids))
             batch.span_ids.extend([part.span_id] * len(part.ids))
 
-    for j, (name, _kind) in enumerate(layout):
+    for j, name in enumerate(names):
         yield
         batch.features.append(array_column(name, _joined([part.features[j] for part in parts])))
     if has_scores:

@@ -32,7 +32,6 @@ from agent.client._batches import (
     Event,
     Outcome,
     Prediction,
-    array_kind,
     build_prediction_batch,
     group_predictions,
     pack_columns,
@@ -136,14 +135,14 @@ class EventBuffer:
         return rows
 
 
-def _column_values(features: Any, ids_len: int) -> list[tuple[str, Any]]:
-    """(name, values) per feature from a Mapping of arrays or a pandas DataFrame.
+def _column_values(features: Any, n: int) -> tuple[tuple[str, ...], list[np.ndarray]]:
+    """(names, values) of the features, from a Mapping of arrays or a pandas DataFrame.
 
     The arrays are copies: the sender packs them later, and the caller may reuse its own
     as soon as the call returns.
     """
     if features is None:
-        return []
+        return (), []
     if hasattr(features, "columns") and hasattr(features, "__getitem__"):  # pandas DataFrame
         items = [(str(name), features[name].to_numpy(copy=True)) for name in features.columns]
     elif isinstance(features, Mapping):
@@ -153,11 +152,14 @@ def _column_values(features: Any, ids_len: int) -> list[tuple[str, Any]]:
             f"features: expected a Mapping of arrays or a pandas DataFrame, got {type(features).__name__}"
         )
     for name, values in items:
-        if values.ndim != 1 or len(values) != ids_len:
-            raise ValueError(
-                f"features[{name!r}]: {values.shape} values, expected {ids_len} (len(ids))"
-            )
-    return items
+        if values.ndim != 1 or len(values) != n:
+            raise ValueError(f"features[{name!r}]: {values.shape} values, expected {n} (len(ids))")
+    return tuple(name for name, _ in items), [values for _, values in items]
+
+
+def _rows(arrays: tuple[Any, ...], rows: Any) -> tuple[Any, ...]:
+    """``arrays[i][rows]`` for each array that is not None."""
+    return tuple(None if values is None else values[rows] for values in arrays)
 
 
 def _optional_array(name: str, values: Any, n: int, dtype: Any) -> np.ndarray | None:
@@ -236,6 +238,8 @@ class ClientCore:
         self.send_timeout_s = float(send_timeout_s)
         self.class_names = tuple(class_names) if class_names else None
         self.attributes = dict(attributes) if attributes else None
+        self._default_attribute_key = tuple(sorted((self.attributes or {}).items()))
+        self._attribute_keys: dict[tuple, tuple] = {}  # as given -> sorted, checked
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._credentials = credentials
         self._counters = Counters()
@@ -405,14 +409,12 @@ class ClientCore:
         n = len(ids_list)
         if n == 0:
             return
-        if problem := _override_problem(model, model_version, attributes):
+        if (model is not None or model_version is not None) and (
+            problem := _override_problem(model, model_version, None)
+        ):
             raise ValueError(problem)
-        columns = _column_values(features, n)
-        score_array = _optional_array("scores", scores, n, np.float64)
-        latency_array = _optional_array("latencies_ms", latencies_ms, n, np.float64)
-        label_list = None if labels is None else list(map(str, np.asarray(labels).tolist()))
-        if label_list is not None and len(label_list) != n:
-            raise ValueError(f"labels: {len(label_list)} values, expected {n} (len(ids))")
+        attribute_key = self._attribute_key(attributes)
+        names, columns = _column_values(features, n)
         classes = tuple(class_names) if class_names else self.class_names
         prob_array = None
         if probabilities is not None:
@@ -421,64 +423,72 @@ class ClientCore:
                 raise ValueError(
                     f"probabilities: shape {prob_array.shape}, expected ({n}, len(class_names))"
                 )
-        keep = None
+        # Copies (the caller may reuse its arrays); the sender makes labels strings and
+        # features protobuf columns.
+        extras = (
+            _optional_array("scores", scores, n, np.float64),
+            _optional_array("labels", labels, n, None),
+            _optional_array("latencies_ms", latencies_ms, n, np.float64),
+            prob_array,
+        )
         if self.sample_rate < 1.0:
             keep = np.array([self._random() < self.sample_rate for _ in range(n)])
             self._counters.count_sampled_out(int(n - keep.sum()))
             if not keep.any():
                 return
+            ids_list = [i for i, k in zip(ids_list, keep, strict=True) if k]
+            columns = [values[keep] for values in columns]
+            extras = _rows(extras, keep)
         if self._closed:
             self._counters.drop(n, "closed", "log_predictions after close()")
             return
-
-        def kept(array: np.ndarray) -> np.ndarray:
-            return array if keep is None else array[keep]  # copies already (see _column_values)
-
-        kept_ids = (
-            ids_list if keep is None else [i for i, k in zip(ids_list, keep, strict=True) if k]
-        )
-        kept_columns = [kept(values) for _, values in columns]
-        kept_scores = None if score_array is None else kept(score_array)
-        kept_labels = (
-            label_list
-            if keep is None or label_list is None
-            else [label for label, k in zip(label_list, keep, strict=True) if k]
-        )
-        kept_latencies = None if latency_array is None else kept(latency_array)
-        kept_probabilities = None if prob_array is None else kept(prob_array)
         trace, span = trace_bytes(*current_trace())
         key = (
             model or self.model,
             self.model_version if model_version is None else model_version,
-            tuple(
-                sorted((attributes if attributes is not None else self.attributes or {}).items())
-            ),
-            classes if kept_probabilities is not None else None,
-            tuple((name, array_kind(values)) for name, values in columns),
-            (
-                score_array is not None,
-                label_list is not None,
-                latency_array is not None,
-                bool(trace),
-            ),
+            attribute_key,
+            classes if prob_array is not None else None,
+            names,
+            (extras[0] is not None, extras[1] is not None, extras[2] is not None, bool(trace)),
         )
         now = time.time_ns()  # the time of the call, not of the send (the agent may be down)
-        rows, size = len(kept_ids), self._chunk_rows
+        rows, size = len(ids_list), self._chunk_rows
         for lo in range(0, rows, size):  # pieces: when the buffer overflows, the oldest go first
             hi = min(lo + size, rows)
+            part = slice(lo, hi)
+            scores_, labels_, latencies, probs = extras if hi - lo == rows else _rows(extras, part)
             piece = Columns(
                 key,
-                kept_ids[lo:hi],
+                ids_list if hi - lo == rows else ids_list[part],
                 now,
-                [values[lo:hi] for values in kept_columns],
-                None if kept_scores is None else kept_scores[lo:hi],
-                None if kept_labels is None else kept_labels[lo:hi],
-                None if kept_latencies is None else kept_latencies[lo:hi],
-                None if kept_probabilities is None else kept_probabilities[lo:hi],
+                columns if hi - lo == rows else [values[part] for values in columns],
+                scores_,
+                labels_,
+                latencies,
+                probs,
                 trace,
                 span,
             )
             self._put_chunk(Chunk(PREDICTIONS, hi - lo, piece))
+
+    def _attribute_key(self, attributes: Mapping[str, str] | None) -> tuple:
+        """A call's attributes (or the client's) as a sorted tuple, the agent's limits
+        checked (ValueError naming the problem); each distinct mapping is checked once."""
+        if attributes is None:
+            return self._default_attribute_key
+        try:
+            items = tuple(attributes.items())
+            known = self._attribute_keys.get(items)
+        except (AttributeError, TypeError):  # not a mapping, or unhashable values
+            items, known = None, None
+        if known is not None:
+            return known
+        if problem := _attributes_problem(attributes):
+            raise ValueError(problem)
+        known = tuple(sorted(attributes.items()))
+        if items is not None and len(self._attribute_keys) < 1024:  # bounded: a few per service
+            self._attribute_keys[items] = known
+        return known
 
     def log_outcomes(
         self,

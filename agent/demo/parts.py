@@ -91,6 +91,9 @@ def add_part_commands(
                         "computed locally)")  # fmt: skip
     m.add_argument("--no-sdk", action="store_true",
                    help="do not log predictions (for the latency benchmark)")  # fmt: skip
+    m.add_argument("--log-inline", action="store_true",
+                   help="log each request's predictions before responding (default: after "
+                        "the response is sent, so logging is not in the caller's latency)")  # fmt: skip
     m.add_argument("--proxy-token-file", type=Path, metavar="PATH",
                    help="file holding the agent's upstream.token, sent to the egress proxy "
                         "as proxy-authorization")  # fmt: skip
@@ -181,6 +184,7 @@ async def serve_model(args: argparse.Namespace) -> int:
         sidecar=args.sidecar,
         feature_store_url=args.feature_store_url,
         log_predictions=not args.no_sdk,
+        log_inline=args.log_inline,
         sidecar_token=token,
         proxy_token=proxy_token,
         insecure=args.insecure,
