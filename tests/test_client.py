@@ -273,6 +273,35 @@ def test_pack_columns_concatenates_pieces_exactly_and_keeps_ids_unique():
     assert list(batches[2][1].features[0].categories.values) == ["5.0"]
 
 
+def test_pack_columns_keeps_every_kind_exact_and_yields_within_long_columns():
+    """Numbers, booleans, bytes, strings and objects with missing values, over more rows
+    than one packing slice: the sender must give up the GIL inside a column too."""
+    from agent.client._batches import SLICE_ROWS, Columns, pack_columns
+
+    n = SLICE_ROWS * 2 + 7
+    numbers = np.arange(n) * 0.5
+    flags = np.arange(n) % 3 == 0
+    raw = np.array([f"b{i % 5}".encode() for i in range(n)])
+    text = np.array([f"t{i % 7}" for i in range(n)])
+    objects = np.array([None if i % 4 == 0 else f"o{i}" for i in range(n)], dtype=object)
+    names = ("num", "flag", "raw", "text", "obj")
+    key = ("m", "v1", (), None, names, (True, True, False, False))
+    piece = Columns(key, [f"r{i}" for i in range(n)], 1, [numbers, flags, raw, text, objects],
+                    numbers / n, np.arange(n) % 2, None, None, b"", b"")  # fmt: skip
+    items = list(pack_columns([piece]))
+    ((rows, batch),) = [item for item in items if item is not None]
+    assert rows == n
+    assert items.count(None) > len(names) + 2  # slices inside the columns, not only between
+    got = {column.name: column for column in batch.features}
+    assert list(got["num"].numbers.values) == numbers.tolist()
+    assert list(got["flag"].numbers.values) == flags.astype(float).tolist()
+    assert list(got["raw"].categories.values) == [v.decode() for v in raw.tolist()]
+    assert list(got["text"].categories.values) == text.tolist()
+    assert list(got["obj"].categories.values) == ["" if v is None else v for v in objects]
+    assert list(batch.scores) == (numbers / n).tolist()
+    assert list(batch.labels) == [str(i % 2) for i in range(n)]  # labels made strings
+
+
 def test_the_batch_form_copies_the_callers_arrays_before_returning():
     """The sender packs later, so the call must not keep views of arrays the caller reuses."""
     from agent.client._batches import pack_columns
