@@ -705,6 +705,9 @@ def test_bad_options_are_refused_naming_the_option():
         SidecarClient(model="m", max_buffer=0)
     with pytest.raises(ValueError, match="model_version: 'v 1'"):
         SidecarClient(model="m", model_version="v 1")
+    for client_class in (SidecarClient, AsyncSidecarClient):  # one check, shared by both
+        with pytest.raises(ValueError, match="close_timeout_s: -1 must not be negative"):
+            client_class(model="m", close_timeout_s=-1)
 
 
 # -- asyncio ----------------------------------------------------------------------------------

@@ -48,12 +48,9 @@ class AsyncSidecarClient(ClientCore):
         target: str = "127.0.0.1:4320",
         model: str = "",
         model_version: str = "",
-        *,
-        close_timeout_s: float = 5.0,
         **options: Any,
     ) -> None:
         super().__init__(target, model, model_version, **options)
-        self.close_timeout_s = close_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._task: asyncio.Task[None] | None = None
@@ -64,7 +61,7 @@ class AsyncSidecarClient(ClientCore):
         self._flush_waiters = 0
         self._busy = False
         self._needs_start = True  # the first log_* call inside a loop starts the task
-        self._atexit = register_exit_hook(self, close_timeout_s)
+        self._atexit = register_exit_hook(self, self.close_timeout_s)
 
     # -- public -------------------------------------------------------------------------------
 

@@ -198,6 +198,7 @@ class ClientCore:
         max_rows_per_batch: int = 10_000,
         meter_provider: Any = None,
         seed: int | None = None,
+        close_timeout_s: float = 5.0,
     ) -> None:
         if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
             raise ValueError(f"model: {model!r} does not match [A-Za-z0-9._-]{{1,128}}")
@@ -220,8 +221,14 @@ class ClientCore:
         ):
             if not number > 0:
                 raise ValueError(f"{name}: {number!r} must be positive")
-        if max_retries < 0 or backoff_s < 0 or max_backoff_s < 0:
-            raise ValueError("max_retries, backoff_s, max_backoff_s: must not be negative")
+        for name, number in (
+            ("max_retries", max_retries),
+            ("backoff_s", backoff_s),
+            ("max_backoff_s", max_backoff_s),
+            ("close_timeout_s", close_timeout_s),
+        ):
+            if not number >= 0:  # NaN fails too
+                raise ValueError(f"{name}: {number!r} must not be negative")
         if attributes is not None and (problem := _attributes_problem(attributes)):
             raise ValueError(problem)
         if class_names is not None and len(set(class_names)) != len(class_names):
@@ -230,6 +237,7 @@ class ClientCore:
         self.model = model
         self.model_version = model_version
         self.sample_rate = float(sample_rate)
+        self.close_timeout_s = float(close_timeout_s)  # close() and the exit hook flush this long
         self.batch_rows = min(batch_rows, max_rows_per_batch, max_buffer)
         # The batch forms queue pieces of at most a quarter of the buffer (or one batch):
         # when it overflows, the oldest rows go a piece at a time, never a whole call.

@@ -106,12 +106,9 @@ class SidecarClient(ClientCore):
         target: str = "127.0.0.1:4320",
         model: str = "",
         model_version: str = "",
-        *,
-        close_timeout_s: float = 5.0,
         **options: Any,
     ) -> None:
         super().__init__(target, model, model_version, **options)
-        self.close_timeout_s = close_timeout_s
         self._channel, self._submit = open_channel(target, self._credentials)
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -122,7 +119,7 @@ class SidecarClient(ClientCore):
             target=self._run, name=f"mlsidecar-client:{model}", daemon=True
         )
         self._thread.start()
-        self._atexit = register_exit_hook(self, close_timeout_s)
+        self._atexit = register_exit_hook(self, self.close_timeout_s)
 
     # -- public -------------------------------------------------------------------------------
 
