@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -38,6 +39,57 @@ def proxy(redis_server: RedisServer) -> Iterator[ReplyLosingProxy]:
     proxy.close()
 
 
+@dataclass
+class Stores:
+    """One Redis seen two ways: ``store`` through the reply-losing proxy, ``direct`` not."""
+
+    direct: RedisPendingPredictions
+    store: RedisPendingPredictions
+    client: redis.Redis
+    proxy: ReplyLosingProxy
+
+    def pending(self, rows: int, prefix: str = "p") -> list[str]:
+        """``rows`` predictions put straight into Redis, pending for outcomes; their ids."""
+        ids = [f"{prefix}{i}" for i in range(rows)]
+        self.direct.put(batch(ids))
+        return ids
+
+    def assert_settled(
+        self, ids: list[str], swept_by: RedisPendingPredictions | None = None
+    ) -> None:
+        """Once ``swept_by`` (the proxied store) has swept, which sends its last
+        acknowledgement: nothing claimed, nothing pending, and claim recovery has nothing
+        to give back."""
+        direct = self.direct
+        assert (swept_by or self.store).expire(NOW) == {}
+        assert self.client.zcard("mlsidecar:claims") == 0
+        recovered = direct.recovered_claims
+        time.sleep(CLAIM_TIMEOUT_S + 0.1)
+        assert direct.expire(NOW) == {}
+        assert direct.recovered_claims == recovered
+        assert direct.take(MODEL, ids).joined == 0
+        assert direct.pending_count() == 0
+
+    def take_with_reply_lost(self, ids: list[str], *, then_deliver: bool = True) -> None:
+        """A take through the proxy whose reply is withheld (so it times out); Redis ran the
+        script and claimed the rows. ``then_deliver``: let replies through again."""
+        self.proxy.withhold()
+        with pytest.raises(RedisUnavailableError, match=f"joining {len(ids)} outcomes"):
+            self.store.take(MODEL, ids)
+        if then_deliver:
+            self.proxy.deliver()
+
+
+@pytest.fixture
+def stores(redis_server: RedisServer, proxy: ReplyLosingProxy) -> Iterator[Stores]:
+    both = Stores(
+        open_store(redis_server.port), open_store(proxy.port), redis_server.client(), proxy
+    )
+    yield both
+    both.store.close()  # idempotent: a test may have closed it already
+    both.direct.close()
+
+
 def open_store(port: int) -> RedisPendingPredictions:
     return RedisPendingPredictions(
         f"redis://127.0.0.1:{port}/0",
@@ -57,106 +109,61 @@ def joined_ids(store: RedisPendingPredictions, ids: list[str]) -> list[str]:
     return [id_ for id_, found in zip(ids, joined.found.tolist(), strict=True) if found]
 
 
-def assert_settled(
-    store: RedisPendingPredictions,
-    direct: RedisPendingPredictions,
-    client: redis.Redis,
-    ids: list[str],
-) -> None:
-    """Once ``store`` has swept (which sends its last acknowledgement): nothing claimed,
-    nothing pending, and claim recovery has nothing to give back."""
-    assert store.expire(NOW) == {}
-    assert client.zcard("mlsidecar:claims") == 0
-    recovered = direct.recovered_claims
-    time.sleep(CLAIM_TIMEOUT_S + 0.1)
-    assert direct.expire(NOW) == {}
-    assert direct.recovered_claims == recovered
-    assert direct.take(MODEL, ids).joined == 0
-    assert direct.pending_count() == 0
-
-
 def test_a_take_whose_reply_is_lost_gives_its_rows_back_and_the_retry_joins_them(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
+    stores: Stores,
 ) -> None:
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    client = redis_server.client()
-    ids = [f"p{i}" for i in range(200)]
-    direct.put(batch(ids))
+    direct, store = stores.direct, stores.store
+    ids = stores.pending(200)
 
-    proxy.withhold()
+    stores.proxy.withhold()
     with pytest.raises(RedisUnavailableError, match="joining 200 outcomes"):
         store.take(MODEL, ids)
-    assert proxy.dropped >= 1
+    assert stores.proxy.dropped >= 1
     # Redis ran the script: the rows are claimed, out of reach of other takes.
-    assert client.zcard("mlsidecar:claims") == 1
+    assert stores.client.zcard("mlsidecar:claims") == 1
     assert direct.take(MODEL, ids).joined == 0
 
-    proxy.deliver()
+    stores.proxy.deliver()
     joined = store.take(MODEL, ids)  # the client's retry: the claim is given back first
     assert joined.found.all()
     assert joined.scores.tolist() == batch(ids).scores.tolist()  # type: ignore[union-attr]
-    assert_settled(store, direct, client, ids)
-    store.close()
-    direct.close()
+    stores.assert_settled(ids)
 
 
 def test_a_connection_cut_after_the_script_ran_is_resent_with_the_same_claim(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
+    stores: Stores,
 ) -> None:
     """redis-py resends a command once on a broken connection: with the same claim id, the
     resent take returns the rows the first one claimed instead of finding none."""
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    client = redis_server.client()
-    ids = [f"p{i}" for i in range(50)]
-    direct.put(batch(ids))
-
-    proxy.cut_next_reply()
-    assert store.take(MODEL, ids).found.all()
-    assert proxy.dropped == 1
-    assert_settled(store, direct, client, ids)
-    store.close()
-    direct.close()
+    ids = stores.pending(50)
+    stores.proxy.cut_next_reply()
+    assert stores.store.take(MODEL, ids).found.all()
+    assert stores.proxy.dropped == 1
+    stores.assert_settled(ids)
 
 
 def test_an_acknowledgement_lost_with_the_next_take_is_resent_and_nothing_joins_twice(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
+    stores: Stores,
 ) -> None:
     """A take's claim is acknowledged by the store's next call; when that call's reply is
     lost too, the acknowledgement is resent and the first rows are not given back."""
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    client = redis_server.client()
-    first, second = [f"a{i}" for i in range(50)], [f"b{i}" for i in range(50)]
-    direct.put(batch(first + second))
+    first, second = stores.pending(50, "a"), stores.pending(50, "b")
 
-    assert joined_ids(store, first) == first
-    assert client.zcard("mlsidecar:claims") == 1  # to be acknowledged with the next call
-    proxy.withhold()
-    with pytest.raises(RedisUnavailableError):
-        store.take(MODEL, second)
-    proxy.deliver()
-    assert joined_ids(store, second) == second
-    assert_settled(store, direct, client, first + second)
-    store.close()
-    direct.close()
+    assert joined_ids(stores.store, first) == first
+    assert stores.client.zcard("mlsidecar:claims") == 1  # acknowledged with the next call
+    stores.take_with_reply_lost(second)
+    assert joined_ids(stores.store, second) == second
+    stores.assert_settled(first + second)
 
 
 def test_an_agent_that_vanishes_with_a_claim_has_it_recovered_by_another_replica(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
+    stores: Stores,
 ) -> None:
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    client = redis_server.client()
-    ids = [f"p{i}" for i in range(100)]
-    direct.put(batch(ids))
-
-    proxy.withhold()
-    with pytest.raises(RedisUnavailableError):
-        store.take(MODEL, ids)
-    proxy.close()  # the agent is gone with the claim it never got
-    store.close()
+    direct = stores.direct
+    ids = stores.pending(100)
+    stores.take_with_reply_lost(ids, then_deliver=False)
+    stores.proxy.close()  # the agent is gone with the claim it never got
+    stores.store.close()
 
     assert direct.expire(NOW) == {}  # not yet: the taker may still settle it
     assert direct.recovered_claims == 0
@@ -166,21 +173,16 @@ def test_an_agent_that_vanishes_with_a_claim_has_it_recovered_by_another_replica
     assert direct.recovered_claims == 1
     assert direct.pending_count(MODEL) == 100
     assert joined_ids(direct, ids) == ids
-    assert_settled(direct, direct, client, ids)
-    direct.close()
+    stores.assert_settled(ids, swept_by=direct)
 
 
 def test_outcome_batches_retried_through_lost_replies_each_join_exactly_once(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
+    stores: Stores,
 ) -> None:
     """Twenty outcome batches, a fault on most of them (reply lost, connection cut, or the
     acknowledgement lost), each retried by its client until the store answers."""
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    client = redis_server.client()
-    all_ids = [f"p{i}" for i in range(2000)]
-    for start in range(0, 2000, 500):
-        direct.put(batch(all_ids[start : start + 500]))
+    proxy = stores.proxy
+    all_ids = [id_ for part in range(4) for id_ in stores.pending(500, f"p{part}-")]
 
     joins: list[str] = []
     failures = 0
@@ -195,7 +197,7 @@ def test_outcome_batches_retried_through_lost_replies_each_join_exactly_once(
             proxy.withhold(after=1)
         for _attempt in range(3):
             try:
-                joins += joined_ids(store, wanted)
+                joins += joined_ids(stores.store, wanted)
                 break
             except RedisUnavailableError:
                 failures += 1
@@ -206,54 +208,36 @@ def test_outcome_batches_retried_through_lost_replies_each_join_exactly_once(
 
     assert failures == 5  # one per withheld reply
     assert sorted(joins) == sorted(all_ids)  # every outcome joined, none twice
-    assert_settled(store, direct, client, all_ids)
-    store.close()
-    direct.close()
+    stores.assert_settled(all_ids)
 
 
 def test_rows_given_back_keep_their_batch_so_they_still_expire_as_unmatched(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
+    stores: Stores,
 ) -> None:
     """The lost take emptied the batch; giving the rows back re-creates it (version, receipt
     time), except for an id re-sent meanwhile, whose newer prediction stands."""
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    ids = [f"p{i}" for i in range(100)]
-    direct.put(batch(ids))
-    proxy.withhold()
-    with pytest.raises(RedisUnavailableError):
-        store.take(MODEL, ids)
-    proxy.deliver()
+    direct = stores.direct
+    ids = stores.pending(100)
+    stores.take_with_reply_lost(ids)
     direct.put(PendingBatch(MODEL, "v2", ids=["p0"], received_unix_nano=NOW + 2 * DAY))
 
-    assert store.take(MODEL, ["unknown"]).joined == 0  # gives the claim back first
+    assert stores.store.take(MODEL, ["unknown"]).joined == 0  # gives the claim back first
     assert direct.expire(NOW) == {}
     assert direct.pending_by_version() == {(MODEL, "v1"): 99, (MODEL, "v2"): 1}
     assert direct.expire(NOW + DAY + SECOND) == {(MODEL, "v1"): 99}  # past the 1-day TTL
     assert direct.take(MODEL, ["p0"]).versions == ["v2"]
-    store.close()
-    direct.close()
 
 
-def test_a_model_forgotten_while_a_take_is_unsettled_does_not_come_back(
-    redis_server: RedisServer, proxy: ReplyLosingProxy
-) -> None:
-    direct = open_store(redis_server.port)
-    store = open_store(proxy.port)
-    ids = [f"p{i}" for i in range(100)]
-    direct.put(batch(ids))
-    proxy.withhold()
-    with pytest.raises(RedisUnavailableError):
-        store.take(MODEL, ids)
-    proxy.deliver()
+def test_a_model_forgotten_while_a_take_is_unsettled_does_not_come_back(stores: Stores) -> None:
+    direct = stores.direct
+    ids = stores.pending(100)
+    stores.take_with_reply_lost(ids)
     assert direct.forget(MODEL) == 0  # the rows were claimed, so not pending
 
-    assert store.take(MODEL, ids).joined == 0  # the give-back finds nothing to give
+    assert stores.store.take(MODEL, ids).joined == 0  # the give-back finds nothing to give
     assert direct.expire(NOW) == {}
     assert direct.pending_count() == 0
-    assert redis_server.client().keys(f"mlsidecar:m:{MODEL}:*") == []
-    store.close()
-    direct.close()
+    assert stores.client.keys(f"mlsidecar:m:{MODEL}:*") == []
 
 
 def test_an_outcome_batch_refused_for_a_lost_reply_joins_exactly_once_when_resent(

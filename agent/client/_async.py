@@ -8,7 +8,6 @@ await client.close()                                        # in the app's shutd
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import threading
 import time
@@ -58,8 +57,6 @@ class AsyncSidecarClient(ClientCore):
         self._submit: dict[str, Any] = {}
         self._wakeup: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
-        self._flush_waiters = 0
-        self._busy = False
         self._needs_start = True  # the first log_* call inside a loop starts the task
         self._atexit = register_exit_hook(self, self.close_timeout_s)
 
@@ -103,18 +100,9 @@ class AsyncSidecarClient(ClientCore):
                 await asyncio.wait_for(asyncio.shield(self._task), self.send_timeout_s + 1.0)
             if not self._task.done():
                 self._task.cancel()
-        left = self._buffer.drain_all()
-        if left:
-            self._counters.drop(left, "closed", "the client closed before the agent took them")
         if self._channel is not None:
             await self._channel.close()
-        atexit.unregister(self._atexit)
-        if not flushed:
-            log.warning(
-                "mlsidecar client: closed with events undelivered (agent unreachable or "
-                "timeout %.1f s); counted in stats().dropped",
-                timeout,
-            )
+        self._closed_with(flushed, timeout)
 
     def close_at_exit(self, timeout: float) -> None:
         """The exit hook: the loop is gone, so send what is left from this thread."""
@@ -190,14 +178,8 @@ class AsyncSidecarClient(ClientCore):
         loop = asyncio.get_running_loop()
         next_flush = loop.time() + self.flush_interval_s
         while not self._stopping.is_set():
-            rows = self._buffer.rows
-            now = loop.time()
-            if now >= next_flush:  # send what is queued now, once (see SidecarClient._run)
-                next_flush = now + self.flush_interval_s
-                due = True
-            else:
-                due = self._flush_waiters > 0
-            if rows >= self.batch_rows or (rows and due):
+            due, next_flush = self._sender_due(loop.time(), next_flush)
+            if due:
                 self._busy = True
                 try:
                     await self._drive(self._cycle())

@@ -7,6 +7,7 @@ wait for the network. The sender (a thread or an asyncio task) drains the buffer
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import logging
@@ -174,6 +175,8 @@ def _optional_array(name: str, values: Any, n: int, dtype: Any) -> np.ndarray | 
 class ClientCore:
     """Options, buffer, ``log_*`` and helpers; the subclasses add the sender."""
 
+    _atexit: Callable[[], None]  # the subclass registers its exit hook (register_exit_hook)
+
     def __init__(
         self,
         target: str = "127.0.0.1:4320",
@@ -266,6 +269,8 @@ class ClientCore:
         )
         self._random = random.Random(seed).random
         self._closed = False
+        self._flush_waiters = 0  # flush() calls waiting: the sender sends partial batches
+        self._busy = False  # the sender holds taken rows (flush waits for them too)
         self._in_flight = 0  # rows taken from the buffer and not yet settled
         self._needs_start = False  # the asyncio client starts its task on first use
         self._register_metrics(meter_provider)
@@ -681,6 +686,34 @@ class ClientCore:
 
     def _poke(self) -> None:
         """Start the sender if it waits for a running loop (asyncio client)."""
+
+    def _sender_due(self, now: float, next_flush: float) -> tuple[bool, float]:
+        """Whether the sender sends a batch now, and its next timer deadline.
+
+        A full batch goes at once; a partial one when the timer fires or a ``flush``
+        waits. The timer sends what is queued now, once: under steady traffic, draining
+        "until empty" would send a trickle of tiny batches instead of full ones.
+        """
+        if now >= next_flush:
+            next_flush = now + self.flush_interval_s
+            due = True
+        else:
+            due = self._flush_waiters > 0
+        rows = self._buffer.rows
+        return rows >= self.batch_rows or (rows > 0 and due), next_flush
+
+    def _closed_with(self, flushed: bool, timeout: float) -> None:
+        """The end of ``close``, once the sender has stopped: what is left is dropped."""
+        left = self._buffer.drain_all()
+        if left:
+            self._counters.drop(left, "closed", "the client closed before the agent took them")
+        atexit.unregister(self._atexit)
+        if not flushed:
+            log.warning(
+                "mlsidecar client: closed with events undelivered (agent unreachable or "
+                "timeout %.1f s); counted in stats().dropped",
+                timeout,
+            )
 
     def _cycle(self) -> Iterator[Send | Sleep | None]:
         """Take one batch worth of rows, pack and deliver it.

@@ -113,8 +113,6 @@ class SidecarClient(ClientCore):
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._idle = threading.Condition()
-        self._flush_waiters = 0
-        self._busy = False
         self._thread = threading.Thread(
             target=self._run, name=f"mlsidecar-client:{model}", daemon=True
         )
@@ -153,17 +151,8 @@ class SidecarClient(ClientCore):
         self._stopping.set()
         self._wakeup.set()
         self._thread.join(max(1.0, self.send_timeout_s + 1.0))
-        left = self._buffer.drain_all()
-        if left:
-            self._counters.drop(left, "closed", "the client closed before the agent took them")
         self._channel.close()
-        atexit.unregister(self._atexit)
-        if not flushed:
-            log.warning(
-                "mlsidecar client: closed with events undelivered (agent unreachable or "
-                "timeout %.1f s); counted in stats().dropped",
-                timeout,
-            )
+        self._closed_with(flushed, timeout)
 
     def close_at_exit(self, timeout: float) -> None:
         self.close(timeout)
@@ -182,16 +171,8 @@ class SidecarClient(ClientCore):
     def _run(self) -> None:
         next_flush = time.monotonic() + self.flush_interval_s
         while not self._stopping.is_set():
-            rows = self._buffer.rows
-            now = time.monotonic()
-            if now >= next_flush:
-                # The timer sends what is queued now, once: under steady traffic, draining
-                # "until empty" would send a trickle of tiny batches instead of full ones.
-                next_flush = now + self.flush_interval_s
-                due = True
-            else:
-                due = self._flush_waiters > 0
-            if rows >= self.batch_rows or (rows and due):
+            due, next_flush = self._sender_due(time.monotonic(), next_flush)
+            if due:
                 self._busy = True
                 try:
                     self._drive(self._cycle())

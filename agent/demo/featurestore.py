@@ -11,7 +11,7 @@ guards the calls and opens while the store fails.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.applications import Starlette
@@ -20,6 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent.demo.world import account_age_days
+
+if TYPE_CHECKING:
+    from agent.api.serve import HttpListener
 
 MAX_USERS_PER_LOOKUP = 1_000
 
@@ -69,6 +72,19 @@ class FeatureStore:
 
     def status(self) -> dict[str, Any]:
         return {"failing": self.failing, "lookups": self.lookups, "refused": self.refused}
+
+    async def serve(self, listen: str, key: str) -> HttpListener:
+        """Serve the store on ``listen`` (HOST:PORT, the option ``key``); stop the listener
+        to end. The caller has checked the address (``parts.listen_address`` refuses a
+        non-loopback one without --insecure), so the listener takes it as it is."""
+        from agent.api.serve import HttpListener
+        from agent.config import Listener
+
+        listener = HttpListener(
+            self.app(), Listener(listen=listen, insecure=True), key=key, what="demo feature store"
+        )
+        await listener.start()
+        return listener
 
     def app(self) -> Starlette:
         return Starlette(

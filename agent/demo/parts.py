@@ -212,8 +212,6 @@ async def serve_model(args: argparse.Namespace) -> int:
 
 
 async def serve_feature_store(args: argparse.Namespace) -> int:
-    from agent.api.serve import HttpListener
-    from agent.config import Listener
     from agent.demo.featurestore import FeatureStore
 
     try:
@@ -222,15 +220,7 @@ async def serve_feature_store(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         return _usage_error(error)
-    store = FeatureStore()
-    listener = HttpListener(
-        store.app(),
-        # insecure=True: listen_address has just refused a non-loopback address without --insecure.
-        Listener(listen=args.listen, insecure=True),
-        key="--listen",
-        what="demo feature store",
-    )
-    await listener.start()
+    listener = await FeatureStore().serve(args.listen, "--listen")
     stop = asyncio.Event()
     _stop_on_signals(stop)
     assert listener.port is not None

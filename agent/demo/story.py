@@ -22,11 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from agent.api.serve import HttpListener
 from agent.config import (
     AlertRuleSettings,
     BreakerPolicy,
-    Listener,
     ModelSettings,
     RetryPolicy,
     Settings,
@@ -209,13 +207,7 @@ async def run_story(settings: Settings, options: DemoOptions) -> int:
         settings.store.data_dir = Path(temp_dir)
 
     store = FeatureStore()
-    store_listener = HttpListener(
-        store.app(),
-        Listener(listen=options.feature_store_listen, insecure=True),
-        key="--feature-store-listen",
-        what="demo feature store",
-    )
-    await store_listener.start()
+    store_listener = await store.serve(options.feature_store_listen, "--feature-store-listen")
     store_url = f"http://127.0.0.1:{store_listener.port}"
     settings.upstream.targets[FEATURES_TARGET] = UpstreamTarget(
         url=store_url, policy=FEATURES_POLICY
