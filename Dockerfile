@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# mlsidecar images (docs/deployment.md):
+# mlsidecar images (docs/compose.md, docs/kubernetes.md):
 #   docker build -t mlsidecar:0.1.0 .                      # the agent: `mlsidecar run`
 #   docker build --target demo -t mlsidecar-demo:0.1.0 .   # the demo model service (SDK inside)
 # Multi-stage: wheels are built with pip in `build`; the final stages copy only the
@@ -8,15 +8,17 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/mlsidecar
 ENV PATH=/opt/mlsidecar/bin:$PATH
-# Dependencies first (cached while only the code changes), then the package itself.
 COPY pyproject.toml README.md ./
 COPY agent ./agent
-RUN pip install /src \
+# One install of the package and its dependencies. pip's cache is a BuildKit cache mount:
+# a code change rebuilds this layer, but the dependencies' wheels come from the cache,
+# and the cache never enters the image.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install /src \
     && pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS base

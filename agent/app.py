@@ -200,6 +200,13 @@ class Agent:
             unit="{model}",
             description="Model versions the agent tracks.",
         )
+        meter.create_observable_gauge(
+            "mlsidecar.running",
+            callbacks=[self._observe_running],
+            unit="",
+            description="1 while the agent runs; 0 in the final export of a graceful stop, so "
+            "a series that ends on 1 belongs to an agent that died.",
+        )
         # The pod's resources and the model process, read when a reader collects.
         self.resources = (
             ResourceMonitor(settings.resources, self.telemetry.meter_provider)
@@ -429,6 +436,9 @@ class Agent:
             return
         task = loop.run_in_executor(None, self.references.save, profile)
         task.add_done_callback(_log_failure)
+
+    def _observe_running(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(1 if self._started else 0)
 
     def _observe_models(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(len(self.engine.models()))

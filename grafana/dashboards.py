@@ -6,8 +6,8 @@
 
 Every query is PromQL on the Prometheus names of docs/metrics.md. Selectors filter with
 ``=~"$namespace"`` and friends: a variable's "All" is ``.*``, which also matches a label
-that is absent, as the Collector-only labels (``k8s_namespace_name``, ``k8s_pod_name``)
-are when Prometheus scrapes an agent's ``/metrics`` directly.
+that is absent, as ``k8s_namespace_name`` and ``k8s_pod_name`` are for an agent run
+without those resource attributes (outside Kubernetes).
 """
 
 from __future__ import annotations

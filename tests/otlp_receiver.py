@@ -105,6 +105,14 @@ class _Store:
                 total += point.as_double if point.HasField("as_double") else point.as_int
         return total
 
+    def gauge_values(self, name: str) -> list[float]:
+        """Every exported point of gauge ``name``, oldest first."""
+        return [
+            point.as_double if point.HasField("as_double") else point.as_int
+            for metric in self.metrics(name)
+            for point in metric.gauge.data_points
+        ]
+
     def spans(self, name: str | None = None) -> list[Span]:
         return [
             span

@@ -52,6 +52,7 @@ from prometheus_server import PrometheusServer
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
+from agent.resources.cgroup import OwnCgroup
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +63,31 @@ REGRESSION = "demand-forecast"
 
 # Panels (dashboard file, panel title, refId) allowed to return no data here, and why.
 # docs/dashboards.md lists the same ones; nothing else may come back empty.
-CGROUP_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+SIDECAR_MEMORY_USAGE = ("mlsidecar-resources.json", "Sidecar memory", "B")
+SIDECAR_MEMORY_LIMIT = ("mlsidecar-resources.json", "Sidecar memory", "C")
+SIDECAR_THROTTLING = ("mlsidecar-resources.json", "Sidecar CPU throttling", "A")
 EXCEPTIONS: dict[tuple[str, str, str], str] = {
-    ("mlsidecar-resources.json", "Sidecar memory", "B"): "cgroup v2 only (container.memory.usage)",
-    ("mlsidecar-resources.json", "Sidecar memory", "C"): "cgroup v2 with a memory limit only",
-    ("mlsidecar-resources.json", "Sidecar CPU throttling", "A"): "cgroup v2 with a CPU quota only",
+    SIDECAR_MEMORY_USAGE: "cgroup v2 only (container.memory.usage)",
+    SIDECAR_MEMORY_LIMIT: "cgroup v2 with a memory limit only",
+    SIDECAR_THROTTLING: "cgroup v2 with a CPU quota only",
 }
-# Variables whose label only the Collector adds (resource attributes promoted to labels):
-# scraped directly they have no values, and "All" (.*) applies.
-COLLECTOR_ONLY_VARIABLES = {"namespace", "pod"}
+
+
+def exceptions_here() -> set[tuple[str, str, str]]:
+    """The exceptions that apply on this machine, read as the agent reads its cgroup (the
+    demo is this process's child, in the same cgroup): v1, or v2 without a limit."""
+    reading = OwnCgroup(Path("/sys/fs/cgroup")).read()
+    applies = {
+        SIDECAR_MEMORY_USAGE: reading is None or reading.memory_current is None,
+        SIDECAR_MEMORY_LIMIT: reading is None or reading.memory_max is None,
+        SIDECAR_THROTTLING: reading is None or reading.cpu_limit_cores is None,
+    }
+    return {key for key, applied in applies.items() if applied}
+
+
+# The pod the agent says it runs in (as the Helm chart's downward API sets it): promoted to
+# labels on /metrics, so the dashboards' namespace and pod filters are tested on real values.
+NAMESPACE, POD = "ml-demo", "fraud-scorer-7f9c"
 # Alerts whose condition the story must hold for a while: the test copy keeps a `for:`
 # for them. MLDatasetDrift's 10 minutes do not fit in the 5-minute story; 10 s is 100 story
 # seconds at speed 10, over half of the 180 drifted ones (two of four features drift).
@@ -228,7 +245,13 @@ def story(tmp_path: Path) -> Iterator[dict[str, Any]]:
                         "discovery_interval_s": 0.5,
                     }
                 },
-                "telemetry": {"metric_export_interval_ms": 1000},
+                "telemetry": {
+                    "metric_export_interval_ms": 1000,
+                    "resource_attributes": {
+                        "k8s.namespace.name": NAMESPACE,
+                        "k8s.pod.name": POD,
+                    },
+                },
             }
         )
     )
@@ -308,8 +331,8 @@ def test_dashboards_rules_and_exemplars_on_a_real_story(story):
     # The built-ins as Grafana computes them for a 1 s scrape interval and this run.
     values = {
         "datasource": "prometheus",
-        "namespace": ".*",
-        "pod": ".*",
+        "namespace": NAMESPACE,
+        "pod": POD,
         "model": MODEL,
         "version": VERSION,
         "feature": FEATURE,
@@ -333,10 +356,7 @@ def test_dashboards_rules_and_exemplars_on_a_real_story(story):
                     "series", **{"match[]": selector}, start=start, end=end
                 )
             } - {None}
-            if variable["name"] in COLLECTOR_ONLY_VARIABLES:
-                assert not found, (name, variable["name"], found)
-            else:
-                assert values[variable["name"]] in found, (name, variable["name"], found)
+            assert values[variable["name"]] in found, (name, variable["name"], found)
 
     # Panels: every query returns data over the run, but the documented exceptions.
     empty = set()
@@ -350,7 +370,7 @@ def test_dashboards_rules_and_exemplars_on_a_real_story(story):
         if not prometheus.range(expr, start, end):
             empty.add((name, panel["title"], target["refId"]))
     assert checked > 60
-    allowed = set(EXCEPTIONS) if not CGROUP_V2 else set()
+    allowed = exceptions_here()
     assert empty <= allowed, f"panels without data: {sorted(empty - allowed)}"
 
     # Rules: all loaded and evaluated without error.
@@ -388,6 +408,10 @@ def test_dashboards_rules_and_exemplars_on_a_real_story(story):
     first_seen = float(models["values"][0][0])
     for series in prometheus.range('ALERTS{alertname="MLSidecarsNotReporting"}', start, end):
         assert all(float(t) <= first_seen + 2 for t, _ in series["values"]), series
+    # A scraped sidecar that stops is MLSidecarDown's; the OTLP path's per-pod alert stays
+    # quiet (and the demo stopped gracefully: its last mlsidecar_running is 0 over OTLP).
+    assert not prometheus.range('ALERTS{alertname="MLSidecarStoppedReporting"}', start, end)
+    assert story["receiver"].gauge_values("mlsidecar.running")[-1] == 0
     (psi,) = [
         s["metric"]
         for s in prometheus.range('ALERTS{alertname="MLFeaturePSIHigh"}', start, end)

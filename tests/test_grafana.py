@@ -126,9 +126,10 @@ def test_variables_referenced_exist():
         assert defined - {"datasource"} <= used, f"{name}: unused {defined - used}"
 
 
-def test_label_filters_tolerate_absent_collector_labels():
-    """Scraping an agent directly gives no k8s_* labels: "All" must be .*, which matches
-    a series without the label, and selectors must use =~ so that it applies."""
+def test_label_filters_tolerate_absent_k8s_labels():
+    """An agent without k8s resource attributes (outside Kubernetes) has no k8s_* labels:
+    "All" must be .*, which matches a series without the label, and selectors must use =~
+    so that it applies."""
     for name, board in committed_dashboards().items():
         for variable in board["templating"]["list"]:
             if variable["type"] == "query" and variable.get("includeAll"):

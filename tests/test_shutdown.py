@@ -153,6 +153,20 @@ def test_sigterm_mid_stream_loses_no_acknowledged_batch(tmp_path, collector, age
     messages = [entry["message"] for entry in process.logs()]
     assert messages[-1] == "mlsidecar stopped", messages[-5:]
     assert "telemetry flush overran the shutdown deadline; dropping the rest" not in messages
+    # The final flush says the agent stopped on purpose (MLSidecarStoppedReporting's cue).
+    assert collector.gauge_values("mlsidecar.running") == [0]
+
+
+def test_an_agent_killed_ends_its_running_series_on_1(tmp_path, collector, agent_process):
+    """kill -9 leaves no final flush: the last point a Collector got says "running", which
+    is how Prometheus tells a dead sidecar from one stopped gracefully."""
+    config = write_config(tmp_path, collector.endpoint, metric_export_interval_ms=200)
+    process = agent_process("--config", str(config))
+    process.wait_started()
+    collector.wait_for(lambda: collector.gauge_values("mlsidecar.running"), timeout=20)
+    process.kill()
+    points = collector.gauge_values("mlsidecar.running")
+    assert points and set(points) == {1}, points
 
 
 def test_after_sigterm_new_batches_get_unavailable(tmp_path, collector, agent_process):
