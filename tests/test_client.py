@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import AgentHarness, free_port
+from metric_data import data_points
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -170,14 +171,9 @@ def test_trace_ids_of_the_active_span_reach_the_agent(agent, client_for):
     assert links == set(contexts)
     assert {link.attributes["ml.prediction.id"] for link in span.links} == {"t0", "t1", "t2"}
     # and the latency histogram's exemplars point at those requests
-    data = agent.metric_reader.get_metrics_data()
     exemplars = [
         (e.trace_id, e.span_id)
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == "ml.prediction.duration"
-        for point in metric.data.data_points
+        for point in data_points(agent.metric_reader, "ml.prediction.duration")
         if point.attributes.get("ml.model.name") == "traced"
         for e in point.exemplars
     ]
@@ -643,15 +639,7 @@ def test_the_dropped_metric_is_exported_through_the_services_meter_provider():
     )
     for i in range(5):
         client.log_prediction(f"m{i}", None, score=0.1)
-    data = reader.get_metrics_data()
-    points = [
-        point
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == "mlsidecar.client.dropped"
-        for point in metric.data.data_points
-    ]
+    points = data_points(reader, "mlsidecar.client.dropped")
     assert [(dict(p.attributes), p.value) for p in points] == [
         ({"ml.model.name": "metered", "reason": "buffer_full"}, 3)
     ]

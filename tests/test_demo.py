@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import AgentHarness, free_port, mlsidecar_command, subprocess_env
+from metric_data import data_points
 
 from agent.api.serve import HttpListener
 from agent.config import Listener
@@ -243,11 +244,7 @@ def test_demo_model_and_traffic_run_on_their_own_against_a_real_agent(
     proxy_traces = {s.context.trace_id for s in spans}
     exemplar_traces = {
         exemplar.trace_id
-        for rm in harness.metric_reader.get_metrics_data().resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == "ml.prediction.duration"
-        for point in metric.data.data_points
+        for point in data_points(harness.metric_reader, "ml.prediction.duration")
         for exemplar in point.exemplars
     }
     assert exemplar_traces and exemplar_traces <= proxy_traces | {0}, exemplar_traces

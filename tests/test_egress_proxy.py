@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import AgentHarness
+from metric_data import collected
 from upstream_server import FlakyUpstream
 
 ADMIN = "admin-secret"
@@ -295,15 +296,13 @@ def finished(harness: AgentHarness, name: str) -> list[Any]:
 
 
 def metric_points(harness: AgentHarness) -> dict[tuple[str, tuple[tuple[str, Any], ...]], Any]:
-    data = harness.metric_reader.get_metrics_data()
-    points: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
-    for resource in data.resource_metrics if data else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                for point in metric.data.data_points:
-                    key = (metric.name, tuple(sorted((point.attributes or {}).items())))
-                    points[key] = getattr(point, "value", getattr(point, "count", None))
-    return points
+    return {
+        (metric.name, tuple(sorted((point.attributes or {}).items()))): getattr(
+            point, "value", getattr(point, "count", None)
+        )
+        for metric in collected(harness.metric_reader)
+        for point in metric.data.data_points
+    }
 
 
 def test_the_agents_own_calls_post_json_through_the_same_policy(

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from metric_data import data_points
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 
@@ -101,16 +102,9 @@ def http_report(harness: Any, model: str, version: str | None = None) -> dict[st
 def batch_counts(harness: Any) -> Counter[tuple[str, str, str]]:
     """``mlsidecar.ingest.batches`` as {(rpc.method, mlsidecar.result, error.type): count}."""
     counts: Counter[tuple[str, str, str]] = Counter()
-    data = harness.metric_reader.get_metrics_data()
-    for resource in data.resource_metrics if data else ():
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name != "mlsidecar.ingest.batches":
-                    continue
-                for point in metric.data.data_points:
-                    a = point.attributes
-                    key = (a["rpc.method"], a["mlsidecar.result"], a.get("error.type", ""))
-                    counts[key] += int(point.value)
+    for point in data_points(harness.metric_reader, "mlsidecar.ingest.batches"):
+        a = point.attributes
+        counts[(a["rpc.method"], a["mlsidecar.result"], a.get("error.type", ""))] += point.value
     return counts
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import feature_types
+from metric_data import data_points
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 
@@ -50,15 +51,10 @@ def post(harness: Any, path: str, body: Any, **kwargs: Any) -> httpx.Response:
 def rejections(harness: Any) -> Counter[tuple[str, str]]:
     """Rejected batches as {(rpc.method, error.type): count} from the self-metrics."""
     counts: Counter[tuple[str, str]] = Counter()
-    data = harness.metric_reader.get_metrics_data()
-    for resource in data.resource_metrics if data else ():
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == "mlsidecar.ingest.batches":
-                    for point in metric.data.data_points:
-                        a = point.attributes
-                        if a["mlsidecar.result"] == "rejected":
-                            counts[(a["rpc.method"], a["error.type"])] += int(point.value)
+    for point in data_points(harness.metric_reader, "mlsidecar.ingest.batches"):
+        a = point.attributes
+        if a["mlsidecar.result"] == "rejected":
+            counts[(a["rpc.method"], a["error.type"])] += point.value
     return counts
 
 

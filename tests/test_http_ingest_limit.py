@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from metric_data import data_points
 
 from agent.config import ApiSettings
 
@@ -58,14 +59,9 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, Any]]:
 def rejected_busy(harness: Any) -> Counter[str]:
     """Batches refused as too_many_in_flight, by rpc.method, from the self-metrics."""
     counts: Counter[str] = Counter()
-    data = harness.metric_reader.get_metrics_data()
-    for resource in data.resource_metrics if data else ():
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == "mlsidecar.ingest.batches":
-                    for point in metric.data.data_points:
-                        if point.attributes.get("error.type") == "too_many_in_flight":
-                            counts[str(point.attributes["rpc.method"])] += int(point.value)
+    for point in data_points(harness.metric_reader, "mlsidecar.ingest.batches"):
+        if point.attributes.get("error.type") == "too_many_in_flight":
+            counts[str(point.attributes["rpc.method"])] += point.value
     return counts
 
 

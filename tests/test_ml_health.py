@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import AgentHarness, agent_settings
+from metric_data import data_points
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent.engine import ReferenceProfile
@@ -223,15 +224,9 @@ def test_forgetting_a_model_removes_its_stored_references(start_agent, tmp_path)
 
 
 def gauge_points(harness: AgentHarness, name: str) -> dict[tuple[tuple[str, Any], ...], float]:
-    data = harness.metric_reader.get_metrics_data()
-    assert data is not None
     return {
         tuple(sorted(point.attributes.items())): point.value
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == name
-        for point in metric.data.data_points
+        for point in data_points(harness.metric_reader, name)
     }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import AgentHarness
+from metric_data import collected
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, Metric
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
@@ -27,15 +28,7 @@ REGIONS = ("eu", "us")
 
 
 def metrics(harness: AgentHarness, name: str) -> list[Metric]:
-    data = harness.metric_reader.get_metrics_data()
-    assert data is not None
-    return [
-        metric
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-        if metric.name == name
-    ]
+    return [metric for metric in collected(harness.metric_reader) if metric.name == name]
 
 
 def points(harness: AgentHarness, name: str) -> dict[tuple[tuple[str, Any], ...], float]:

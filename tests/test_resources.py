@@ -27,6 +27,7 @@ import httpx
 import psutil
 import pytest
 from conftest import AgentHarness, agent_settings
+from metric_data import by_name
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
 from pydantic import ValidationError
@@ -99,15 +100,7 @@ def monitor_for(reader: InMemoryMetricReader, **resources: Any) -> ResourceMonit
 def collect(reader: InMemoryMetricReader) -> dict[str, Metric]:
     """Every metric of one fresh collection, by name."""
     time.sleep(MAX_AGE_S * 1.1)
-    data = reader.get_metrics_data()
-    assert data is not None
-    metrics: dict[str, Metric] = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                assert metric.name not in metrics, f"{metric.name} exported twice"
-                metrics[metric.name] = metric
-    return metrics
+    return by_name(reader)
 
 
 def points(metric: Metric, **attributes: Any) -> list[Any]:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import redis
 from conftest import AgentHarness, agent_settings, free_port, mlsidecar_command, subprocess_env
 from redis_server import RedisServer
 from sklearn.metrics import accuracy_score
+from test_outcome_join import MODEL, predictions, report
 
 from agent._proto.mlsidecar.v1 import ingest_pb2 as pb
 from agent._proto.mlsidecar.v1 import ingest_pb2_grpc as pb_grpc
@@ -40,7 +40,6 @@ from agent.store.redis import RedisPendingPredictions, RedisUnavailableError
 SECOND = 1_000_000_000
 DAY = 86400 * SECOND
 NOW = 1_700_000_000 * SECOND
-MODEL = "churn"
 ENGINE = {"window_s": 1e9, "warmup_rows": 0}
 
 
@@ -429,21 +428,6 @@ def redis_store_settings(server: RedisServer, **extra: Any) -> dict[str, Any]:
         "redis": {"url": server.url, "key_prefix": "agents", "timeout_s": 1},
         **extra,
     }
-
-
-def predictions(ids: list[str], seed: int = 1) -> tuple[pb.PredictionBatch, list[str]]:
-    scores = np.random.default_rng(seed).random(len(ids))
-    labels = np.where(scores >= 0.5, "yes", "no").tolist()
-    batch = pb.PredictionBatch(
-        model=MODEL, model_version="v1", ids=ids, scores=scores, labels=labels
-    )
-    return batch, labels
-
-
-def report(api_url: str) -> dict[str, Any]:
-    response = httpx.get(f"{api_url}/v1/models/{MODEL}/health")
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -21,10 +21,10 @@ import httpx
 import numpy as np
 import pytest
 from conftest import AgentHarness, agent_settings
+from metric_data import by_name
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
-    InMemoryMetricReader,
     Metric,
     NumberDataPoint,
 )
@@ -93,19 +93,6 @@ def bucket_counts(values: np.ndarray, bounds: list[float]) -> list[int]:
     ]
 
 
-def collect(reader: InMemoryMetricReader) -> dict[str, Metric]:
-    """Every metric of one collection, by name (names are unique across scopes)."""
-    data = reader.get_metrics_data()
-    assert data is not None
-    metrics: dict[str, Metric] = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                assert metric.name not in metrics, f"{metric.name} exported twice"
-                metrics[metric.name] = metric
-    return metrics
-
-
 def only_point(metric: Metric, **attributes: Any) -> Any:
     points = [
         p
@@ -129,7 +116,7 @@ def test_predictions_counter_counts_every_row_with_model_and_segment_attributes(
     rows = Rows(500)
     assert agent.stub().SubmitPredictions(rows.batch()).accepted == 500
 
-    metric = collect(agent.metric_reader)["ml.predictions"]
+    metric = by_name(agent.metric_reader)["ml.predictions"]
     assert metric.unit == "{prediction}"
     assert metric.data.is_monotonic
     point = only_point(metric)
@@ -146,7 +133,7 @@ def test_duration_histogram_is_in_seconds_with_the_rows_bucket_counts_and_sum(ag
     rows = Rows(1000)
     agent.stub().SubmitPredictions(rows.batch())
 
-    metric = collect(agent.metric_reader)["ml.prediction.duration"]
+    metric = by_name(agent.metric_reader)["ml.prediction.duration"]
     assert metric.unit == "s"
     point = only_point(metric)
     assert isinstance(point, HistogramDataPoint)
@@ -167,7 +154,7 @@ def test_duration_exemplars_carry_the_rows_own_trace_and_span_ids(agent):
     rows = Rows(300)
     agent.stub().SubmitPredictions(rows.batch())
 
-    point = only_point(collect(agent.metric_reader)["ml.prediction.duration"])
+    point = only_point(by_name(agent.metric_reader)["ml.prediction.duration"])
     by_trace = {
         int.from_bytes(t, "big"): (int.from_bytes(s, "big"), latency / 1000)
         for t, s, latency in zip(rows.trace_ids, rows.span_ids, rows.latencies_ms, strict=True)
@@ -185,7 +172,7 @@ def test_score_histogram_has_the_rows_distribution(agent):
     rows = Rows(400)
     agent.stub().SubmitPredictions(rows.batch())
 
-    metric = collect(agent.metric_reader)["ml.prediction.score"]
+    metric = by_name(agent.metric_reader)["ml.prediction.score"]
     point = only_point(metric, **{"ml.model.name": MODEL})
     assert point.count == 400
     assert list(point.explicit_bounds) == pytest.approx(SCORE_BOUNDS)
@@ -207,7 +194,7 @@ def test_outcomes_counter_counts_outcome_rows(agent):
     )
     assert ack.accepted == 20
 
-    point = only_point(collect(agent.metric_reader)["ml.outcomes"])
+    point = only_point(by_name(agent.metric_reader)["ml.outcomes"])
     assert dict(point.attributes) == {"ml.model.name": MODEL, "ml.model.version": VERSION}
     assert point.value == 20
 
@@ -215,10 +202,10 @@ def test_outcomes_counter_counts_outcome_rows(agent):
 def test_metrics_are_cumulative_across_collections(agent):
     stub = agent.stub()
     stub.SubmitPredictions(Rows(100, seed=1).batch())
-    first = collect(agent.metric_reader)
-    again = collect(agent.metric_reader)  # nothing new: a delta reader would report 0 here
+    first = by_name(agent.metric_reader)
+    again = by_name(agent.metric_reader)  # nothing new: a delta reader would report 0 here
     stub.SubmitPredictions(Rows(30, seed=2).batch())
-    later = collect(agent.metric_reader)
+    later = by_name(agent.metric_reader)
 
     for name in ("ml.predictions", "ml.prediction.duration", "ml.prediction.score"):
         assert first[name].data.aggregation_temporality == AggregationTemporality.CUMULATIVE
@@ -240,7 +227,7 @@ def test_sample_rate_scales_the_predictions_estimate_but_not_rows_received(agent
     rows = Rows(200)
     assert agent.stub().SubmitPredictions(rows.batch(sample_rate=0.25)).accepted == 200
 
-    metrics = collect(agent.metric_reader)
+    metrics = by_name(agent.metric_reader)
     assert only_point(metrics["ml.predictions"]).value == pytest.approx(800)
     assert only_point(metrics["mlsidecar.ingest.rows"]).value == 200
     report = httpx.get(f"{agent.api_url}/v1/models/{MODEL}/health").json()
@@ -256,7 +243,7 @@ def test_each_segment_is_its_own_predictions_series(agent):
     batch.attributes["region"] = "us"
     stub.SubmitPredictions(batch)
 
-    metric = collect(agent.metric_reader)["ml.predictions"]
+    metric = by_name(agent.metric_reader)["ml.predictions"]
     assert only_point(metric, **{"ml.segment": "region=eu"}).value == 10
     assert only_point(metric, **{"ml.segment": "region=us"}).value == 7
 
@@ -433,7 +420,7 @@ def test_rejected_batch_span_has_error_status_and_counts_as_rejected(agent):
     (span,) = submit_spans(agent)
     assert not span.status.is_ok
     assert span.attributes["error.type"] == "duplicate_id"
-    metrics = collect(agent.metric_reader)
+    metrics = by_name(agent.metric_reader)
     rejected = only_point(metrics["mlsidecar.ingest.batches"], **{"mlsidecar.result": "rejected"})
     assert rejected.value == 1
     assert rejected.attributes["error.type"] == "duplicate_id"
@@ -449,7 +436,7 @@ def test_self_metrics_count_batches_rows_and_time_per_batch(agent):
         stub.SubmitPredictions(Rows(40, seed=seed).batch())
     stub.SubmitOutcomes(pb.OutcomeBatch(model=MODEL, ids=["x", "y"], actual_values=[1.0, 0.0]))
 
-    metrics = collect(agent.metric_reader)
+    metrics = by_name(agent.metric_reader)
     batches = metrics["mlsidecar.ingest.batches"]
     assert batches.unit == "{batch}"
     accepted = {"mlsidecar.result": "accepted"}
@@ -474,7 +461,7 @@ def test_duplicate_batch_is_acknowledged_but_not_counted_twice(agent):
     again = stub.SubmitPredictions(batch)
     assert (again.accepted, again.duplicate) == (25, True)
 
-    metrics = collect(agent.metric_reader)
+    metrics = by_name(agent.metric_reader)
     assert only_point(metrics["ml.predictions"]).value == 25
     assert only_point(metrics["mlsidecar.ingest.rows"]).value == 25
     result = {"rpc.method": "SubmitPredictions", "mlsidecar.result": "duplicate"}
